@@ -1,0 +1,28 @@
+"""cis_lightning: train and dissect the compressed-computation toy model.
+
+The names imported here are pure torch (no Lightning), for notebooks and analysis code.
+"""
+
+from cis_lightning.errors import ConfigError
+from cis_lightning.evaluation import evaluate, naive_loss_per_feature
+from cis_lightning.mixing import MIXING_KINDS, Mixing, build_mixing, effective_rank, embedding_mixing
+from cis_lightning.models import MLP, CCModel, ResidualMLP
+from cis_lightning.task import Instance, Stream, Task, expand_grid
+
+__all__ = [
+    "MIXING_KINDS",
+    "MLP",
+    "CCModel",
+    "ConfigError",
+    "Instance",
+    "Mixing",
+    "ResidualMLP",
+    "Stream",
+    "Task",
+    "build_mixing",
+    "effective_rank",
+    "embedding_mixing",
+    "evaluate",
+    "expand_grid",
+    "naive_loss_per_feature",
+]

@@ -1,0 +1,3 @@
+from cis_lightning.main import main
+
+main()

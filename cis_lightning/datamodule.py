@@ -1,0 +1,115 @@
+"""LightningDataModule: sparse-feature batches, drawn on the training device from (seed, step).
+
+The dataloaders carry only (stream, step) pairs; `on_after_batch_transfer` turns each into the
+batch on the device, so nothing is drawn on the host and nothing is copied to the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from cis_lightning.errors import check_sizes
+from cis_lightning.evaluation import evaluation_probability, samples_for
+from cis_lightning.mixing import Mixing
+from cis_lightning.task import Instance, Stream, Task, expand_grid
+
+
+class _Steps(IterableDataset):
+    """(stream, step) for step = start(), start() + 1, ... (< stop), this rank's share only when `split`."""
+
+    def __init__(self, stream: Stream, start: Callable[[], int], stop: int | None = None, split: Callable | None = None):
+        self.stream, self.start, self.stop, self.split = stream, start, stop, split
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        steps = itertools.count(self.start()) if self.stop is None else range(self.start(), self.stop)
+        if self.split is not None:
+            rank, world = self.split()
+            steps = itertools.islice(steps, rank, None, world)
+        return ((int(self.stream), step) for step in steps)
+
+
+class CCDataModule(pl.LightningDataModule):
+    """Inputs x and labels ReLU(x) + sigma M x (+ x for the residual model) for K instances.
+
+    One instance by default; `grid` maps instance fields (sigma, feature_probability, seed,
+    learn_sigma, mixing.<option>) to lists of values, and their cartesian product gives the
+    instances. `batch_size` is the global batch, shared by all ranks. Evaluation uses about
+    `eval_nonempty_samples` non-empty samples per instance.
+    """
+
+    def __init__(
+        self,
+        n_features: int = 100,
+        feature_probability: float = 0.01,
+        exactly_one_active: bool = False,
+        mixing: Mixing = Mixing(),
+        sigma: float = 0.0,
+        learn_sigma: bool = False,
+        seed: int = 0,
+        batch_size: int = 2048,
+        eval_nonempty_samples: int = 1_000_000,
+        eval_batch_size: int = 65536,
+        grid: dict[str, list[Any]] | None = None,
+    ):
+        super().__init__()
+        check_sizes(
+            **{
+                "data.n_features": n_features,
+                "data.batch_size": batch_size,
+                "data.eval_nonempty_samples": eval_nonempty_samples,
+                "data.eval_batch_size": eval_batch_size,
+            }
+        )
+        base = Instance(feature_probability, sigma, learn_sigma, mixing, seed)
+        self.n_features = n_features
+        self.batch_size = batch_size
+        self.eval_nonempty_samples = eval_nonempty_samples
+        self.eval_batch_size = eval_batch_size
+        self.task = Task(expand_grid(base, grid), n_features, exactly_one_active)
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per instance: the model initialises instance k from seeds[k]."""
+        return [instance.seed for instance in self.task.instances]
+
+    @property
+    def n_instances(self) -> int:
+        return self.task.n_instances
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def eval_batches(self) -> int:
+        n_samples = samples_for(self.eval_nonempty_samples, self.task, evaluation_probability(self.task))
+        return math.ceil(n_samples / self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        # Starts at the trainer's step, so a resumed run continues the same stream.
+        return DataLoader(_Steps(Stream.TRAIN, lambda: self.trainer.global_step), batch_size=None)
+
+    def _eval_dataloader(self, stream: Stream) -> DataLoader:
+        steps = _Steps(stream, lambda: 0, self.eval_batches(), split=self._rank_and_world)
+        return DataLoader(steps, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(Stream.VALIDATE)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(Stream.TEST)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_dataloader(Stream.TEST)
+
+    def on_after_batch_transfer(self, batch: tuple[int, int], dataloader_idx: int) -> torch.Tensor:
+        stream, step = batch
+        if stream == Stream.TRAIN:
+            rank, world = self._rank_and_world()
+            return self.task.sample(self.batch_size, step, Stream.TRAIN, rank, world)
+        return self.task.sample(self.eval_batch_size, step, Stream(stream))

@@ -1,0 +1,203 @@
+"""LightningModule: trains K instances of a CCModel on the data module's task."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from cis_lightning.errors import ConfigError, require
+from cis_lightning.evaluation import LossPerFeature, evaluation_probability, naive_loss_per_feature, per_sample_loss
+from cis_lightning.models import CCModel
+from cis_lightning.task import Task
+
+RESULT_COLUMNS = (
+    "instance",
+    "model",
+    "mixing",
+    "sigma",
+    "p",
+    "seed",
+    "loss_per_feature",
+    "loss_per_feature_stderr",
+    "naive_loss_per_feature",
+)
+
+
+class CCModule(pl.LightningModule):
+    """AdamW with cosine annealing per step to 0 over max_steps (the paper's defaults).
+
+    The loss is the sum over instances of each instance's mean squared error, so every instance
+    gets exactly the gradient it would get alone.
+    """
+
+    def __init__(self, network: CCModel, lr: float = 3e-3, weight_decay: float = 1e-2):
+        super().__init__()
+        require(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "model.lr", f"must be a number > 0, got {lr!r}")
+        require(
+            isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0,
+            "model.weight_decay",
+            f"must be a number >= 0, got {weight_decay!r}",
+        )
+        self.network = network
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.task: Task | None = None
+        self._eval_metric: LossPerFeature | None = None
+
+    def setup(self, stage: str) -> None:
+        # The data module owns the task (inputs, M, sigma); the module holds it so that the
+        # optimizer trains a learned sigma and checkpoints carry M and sigma.
+        datamodule = self.trainer.datamodule
+        require(datamodule is not None and hasattr(datamodule, "task"), "data", "cis_lightning needs a CCDataModule")
+        self.task = datamodule.task
+        require(
+            self.task.n_features == self.network.n_features and self.task.n_instances == self.network.n_instances,
+            "model.network",
+            f"has {self.network.n_instances} instances of {self.network.n_features} features, the data "
+            f"{self.task.n_instances} of {self.task.n_features}",
+        )
+
+    # -- training -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps
+        require(max_steps is not None and max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
+        groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
+        if self.task.sigma.requires_grad:
+            groups.append({"params": [self.task.sigma], "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        losses = per_sample_loss(self.network, self.task, x).mean(dim=1)  # (K,)
+        if self._logging_this_step():
+            p = self.task.feature_probability.to(losses)
+            self.log("train/loss", losses.mean(), on_step=True, prog_bar=True)
+            self.log("train/loss_per_feature", (losses / p).mean(), on_step=True)
+            if self.task.sigma.requires_grad:
+                self.log("train/sigma", self.task.sigma_value().mean(), on_step=True)
+        return losses.sum()
+
+    def _logging_this_step(self) -> bool:
+        """Log only on the steps the logger writes, so other steps make no host sync."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _start_eval(self) -> None:
+        self._eval_metric = LossPerFeature(evaluation_probability(self.task)).to(self.device)
+
+    def _eval_step(self, x: Tensor) -> None:
+        self._eval_metric.update(per_sample_loss(self.network, self.task, x))
+
+    def _finish_eval(self, prefix: str) -> tuple[Tensor, Tensor]:
+        lpf, stderr = self._eval_metric.compute()  # sums over ranks
+        self._eval_metric = None
+        self.log(f"{prefix}/loss_per_feature", lpf.mean().float(), sync_dist=False, rank_zero_only=True)
+        self.log(f"{prefix}/loss_per_feature_stderr", stderr.mean().float(), rank_zero_only=True)
+        self.log(f"{prefix}/naive_loss_per_feature", self.naive_loss_per_feature, rank_zero_only=True)
+        if self.task.n_instances > 1:
+            for k, value in enumerate(lpf.tolist()):
+                self.log(f"{prefix}/loss_per_feature/instance_{k}", value, rank_zero_only=True)
+        return lpf, stderr
+
+    @property
+    def naive_loss_per_feature(self) -> float:
+        return naive_loss_per_feature(self.network.n_features, self.network.n_neurons)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        self._eval_step(x)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, x: Tensor, batch_idx: int) -> None:
+        self._eval_step(x)
+
+    def on_test_epoch_end(self) -> None:
+        lpf, stderr = self._finish_eval("test")
+        self._write_results(self.result_rows(lpf, stderr))
+
+    def predict_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        return self.network(x)
+
+    def result_rows(self, lpf: Tensor, stderr: Tensor) -> list[dict]:
+        """One row per instance: the RESULT_COLUMNS, then every instance setting."""
+        rows = []
+        for k, instance in enumerate(self.task.instances):
+            row = {
+                "instance": k,
+                "model": type(self.network).__name__,
+                "mixing": self._mixing_label(instance),
+                "sigma": float(self.task.sigma_value()[k]),
+                "p": instance.feature_probability,
+                "seed": instance.seed,
+                "loss_per_feature": float(lpf[k]),
+                "loss_per_feature_stderr": float(stderr[k]),
+                "naive_loss_per_feature": self.naive_loss_per_feature,
+            }
+            extra = {key: value for key, value in instance.flat().items() if key not in row}
+            extra.update(exactly_one_active=self.task.exactly_one_active, configured_sigma=instance.sigma)
+            rows.append(row | extra)
+        return rows
+
+    def _mixing_label(self, instance) -> str:
+        """The mixing the network is trained with; a residual network adds I - W_E W_E^T itself."""
+        if not self.network.residual:
+            return instance.mixing.describe()
+        return "residual" if instance.mixing.kind == "none" else f"residual+{instance.mixing.describe()}"
+
+    @rank_zero_only
+    def _write_results(self, rows: list[dict]) -> None:
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_atomically(directory / "results.csv", text.getvalue())
+        print(format_results(rows))
+        print(f"results: {directory / 'results.csv'}")
+
+    # -- final weights --------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "weights.pt"
+            state = {"network": self.network.state_dict(), "task": self.task.state_dict()}
+            tmp = path.with_suffix(".pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_results(rows: list[dict]) -> str:
+    """The results table for the terminal: one line per instance."""
+    header = f"{'inst':>4}  {'model':<12} {'mixing':<18} {'sigma':>7} {'p':>7} {'seed':>4}  {'L/p':>9} {'+-':>8}  {'naive':>7}"
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r['instance']:>4}  {r['model']:<12} {r['mixing']:<18} {r['sigma']:>7.4f} {r['p']:>7.4g} {r['seed']:>4}  "
+            f"{r['loss_per_feature']:>9.5f} {r['loss_per_feature_stderr']:>8.5f}  {r['naive_loss_per_feature']:>7.5f}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "format_results"]

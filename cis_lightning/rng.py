@@ -1,0 +1,50 @@
+"""Counter-based random numbers: every draw is a pure function of (seed, stream, step, index).
+
+Training data must be reproducible from one seed, identical for any number of ranks, resumable
+at any step, and independent per instance while K instances are drawn in one batched kernel.
+torch.Generator gives none of that cheaply, so we hash counters with SplitMix64
+(Steele, Lea and Flood 2014): state = key + (index + 1) * golden, output = mix(state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _signed(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned `value`."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
+_LOW_BITS = {shift: (1 << (64 - shift)) - 1 for shift in (30, 27, 31, 11)}
+
+
+def _shift_right(z: Tensor, shift: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> shift) & _LOW_BITS[shift]
+
+
+def mix64(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    z = (z ^ _shift_right(z, 30)) * _MUL1
+    z = (z ^ _shift_right(z, 27)) * _MUL2
+    return z ^ _shift_right(z, 31)
+
+
+def stream_key(seeds: Tensor, stream: int, step: int) -> Tensor:
+    """Key of one (seed, stream, step) cell, shape of `seeds` (int64)."""
+    z = mix64(seeds * _GOLDEN + stream)
+    return mix64(z ^ mix64(torch.full_like(seeds, step)))
+
+
+def uniform(key: Tensor, index: Tensor) -> Tensor:
+    """Uniform float64 numbers in (0, 1): 53 random bits of mix64(key + (index + 1) * golden).
+
+    key broadcasts against index; the result never is exactly 0 or 1, so log() is safe.
+    """
+    bits = _shift_right(mix64(key + (index + 1) * _GOLDEN), 11)
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53

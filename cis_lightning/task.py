@@ -1,0 +1,223 @@
+"""The data of the CC toy model: sparse inputs x and labels y = ReLU(x) + sigma M x, for K instances.
+
+Every instance k has its own feature probability p_k, mixing matrix M_k, sigma_k and seed. A batch
+is a pure function of (seed_k, stream, step, rank, world_size): the same global batch however many
+ranks share it, the same stream after a resume, and instance k draws exactly what a one-instance run
+with its seed draws, while all K instances are drawn in one batched kernel (see `rng`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cis_lightning import rng
+from cis_lightning.errors import require
+from cis_lightning.mixing import Mixing, build_mixing
+
+# Inputs with p above this are drawn densely; below it, only the active entries are drawn.
+_DENSE_ABOVE = 0.2
+
+
+class Stream(enum.IntEnum):
+    """Independent random streams, so that no evaluation ever sees a training batch."""
+
+    TRAIN = 0
+    VALIDATE = 1
+    TEST = 2
+    ANALYSIS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """The data settings of one model instance: one row of a sweep."""
+
+    feature_probability: float = 0.01
+    sigma: float = 0.0
+    learn_sigma: bool = False
+    mixing: Mixing = Mixing()
+    seed: int = 0
+
+    def check(self, n_features: int, field: str = "data") -> None:
+        """Raise ConfigError naming the first bad field."""
+        p = self.feature_probability
+        require(
+            isinstance(p, (int, float)) and 0 < p <= 1,
+            f"{field}.feature_probability",
+            f"must be in (0, 1], got {p}",
+        )
+        require(
+            isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0,
+            f"{field}.sigma",
+            f"must be a finite number >= 0, got {self.sigma}",
+        )
+        require(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**62,
+            f"{field}.seed",
+            f"must be an integer in [0, 2^62), got {self.seed}",
+        )
+        self.mixing.check(n_features, f"{field}.mixing")
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as one flat row: mixing options under 'mixing.<option>'."""
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mixing"}
+        row["mixing"] = self.mixing.describe()
+        row.update({f"mixing.{k}": v for k, v in dataclasses.asdict(self.mixing).items()})
+        return row
+
+
+GRID_KEYS: tuple[str, ...] = tuple(
+    [f.name for f in dataclasses.fields(Instance) if f.name != "mixing"]
+    + [f"mixing.{f.name}" for f in dataclasses.fields(Mixing)]
+)
+
+
+def expand_grid(base: Instance, grid: Mapping[str, Sequence[Any]] | None) -> list[Instance]:
+    """The cartesian product of `grid`'s values applied to `base`, last key varying fastest.
+
+    Keys are Instance fields or 'mixing.<option>', e.g. {"sigma": [0, 0.01], "mixing.symmetric": [True, False]}.
+    """
+    if not grid:
+        return [base]
+    for key, values in grid.items():
+        require(key in GRID_KEYS, f"data.grid.{key}", f"unknown grid key; allowed: {', '.join(GRID_KEYS)}")
+        require(
+            isinstance(values, Sequence) and not isinstance(values, str) and len(values) > 0,
+            f"data.grid.{key}",
+            f"must be a non-empty list of values, got {values!r}",
+        )
+    instances = []
+    for combination in itertools.product(*grid.values()):
+        changes = dict(zip(grid, combination))
+        mixing_changes = {k.removeprefix("mixing."): v for k, v in changes.items() if k.startswith("mixing.")}
+        top_changes = {k: v for k, v in changes.items() if not k.startswith("mixing.")}
+        mixing = dataclasses.replace(base.mixing, **mixing_changes)
+        instances.append(dataclasses.replace(base, mixing=mixing, **top_changes))
+    return instances
+
+
+def nonempty_probability(feature_probability: Tensor | float, n_features: int) -> Tensor:
+    """P(at least one of n features is active) = 1 - (1 - p)^n."""
+    p = torch.as_tensor(feature_probability, dtype=torch.float64)
+    return -torch.expm1(n_features * torch.log1p(-p))
+
+
+class Task(nn.Module):
+    """Input distribution and labels of K instances.
+
+    Buffers: feature_probability (K,), mixing (K, n, n), seeds (K,); sigma (K,) is a parameter,
+    trained for the instances with learn_sigma (their |sigma| is used, as in the paper's code).
+    All of it is in the state dict, so a checkpoint carries the exact matrices it was trained on.
+    """
+
+    def __init__(self, instances: Sequence[Instance], n_features: int, exactly_one_active: bool = False):
+        super().__init__()
+        require(len(instances) > 0, "data.grid", "expands to no instance")
+        for k, instance in enumerate(instances):
+            instance.check(n_features, "data" if len(instances) == 1 else f"data (instance {k})")
+        self.instances = list(instances)
+        self.n_features = n_features
+        self.exactly_one_active = exactly_one_active
+        self.has_mixing = any(i.mixing.kind != "none" for i in instances)
+        mixings = [build_mixing(i.mixing, n_features, torch.Generator().manual_seed(i.seed)) for i in instances]
+        self.register_buffer("mixing", torch.stack(mixings))
+        self.register_buffer("feature_probability", torch.tensor([i.feature_probability for i in instances]))
+        self.register_buffer("seeds", torch.tensor([i.seed for i in instances], dtype=torch.int64))
+        self.register_buffer("learn_sigma", torch.tensor([i.learn_sigma for i in instances]))
+        learned = any(i.learn_sigma for i in instances)
+        self.sigma = nn.Parameter(torch.tensor([float(i.sigma) for i in instances]), requires_grad=learned)
+
+    @property
+    def n_instances(self) -> int:
+        return len(self.instances)
+
+    def sigma_value(self) -> Tensor:
+        """sigma_k (K,): |sigma| where learned (gradient flows), the fixed value elsewhere."""
+        return torch.where(self.learn_sigma, self.sigma.abs(), self.sigma.detach())
+
+    def scaled_mixing(self) -> Tensor:
+        """sigma_k M_k (K, n, n)."""
+        return self.sigma_value()[:, None, None] * self.mixing
+
+    def labels(self, x: Tensor, residual: bool = False) -> Tensor:
+        """y = ReLU(x) + sigma M x (+ x for a residual network: Braun et al.'s x + ReLU(x)).
+
+        x, y: (K, B, n) in row form, so M x is x @ M^T.
+        """
+        y = torch.relu(x)
+        if residual:
+            y = y + x
+        if self.has_mixing:
+            y = y + torch.bmm(x, self.scaled_mixing().transpose(1, 2))
+        return y
+
+    def sample(
+        self,
+        batch_size: int,
+        step: int,
+        stream: Stream = Stream.TRAIN,
+        rank: int = 0,
+        world_size: int = 1,
+        feature_probability: Sequence[float] | None = None,
+    ) -> Tensor:
+        """This rank's share (K, batch_size // world_size, n) of the global batch `step` of `stream`.
+
+        Each feature is active independently with probability p_k (or exactly one is active), with
+        value uniform on [-1, 1]. `feature_probability` (K floats) overrides p_k, e.g. to evaluate
+        at another p. The sparse path is exact except with probability < 1e-20 per batch (`_sparse`).
+        """
+        require(batch_size % world_size == 0, "data.batch_size", f"{batch_size} is not divisible by the {world_size} ranks")
+        local = batch_size // world_size
+        device = self.mixing.device
+        key = rng.stream_key(self.seeds, int(stream), step)[:, None]  # (K, 1)
+        rows = torch.arange(rank * local, (rank + 1) * local, device=device)
+        if self.exactly_one_active:
+            return self._one_active(key, rows)
+        # The path is chosen from host-side floats, never from device values (no sync).
+        ps = [i.feature_probability for i in self.instances] if feature_probability is None else list(feature_probability)
+        p = torch.tensor(ps, device=device) if feature_probability is not None else self.feature_probability
+        if max(ps) <= _DENSE_ABOVE:
+            return self._sparse(key, p, batch_size, local, rank, max(ps))
+        return self._dense(key, p, rows)
+
+    def _dense(self, key: Tensor, p: Tensor, rows: Tensor) -> Tensor:
+        """One uniform u per entry: active iff u < p, and then u / p is uniform on (0, 1)."""
+        n = self.n_features
+        index = rows[:, None] * n + torch.arange(n, device=rows.device)  # (B, n) global entry ids
+        u = rng.uniform(key[:, :, None], index).float()  # (K, B, n)
+        p = p.float()[:, None, None]
+        return torch.where(u < p, 2 * u / p - 1, torch.zeros((), device=u.device))
+
+    def _sparse(self, key: Tensor, p: Tensor, batch_size: int, local: int, rank: int, p_max: float) -> Tensor:
+        """Draw only the active entries: gaps between them in the flattened global batch are geometric."""
+        n = self.n_features
+        total = batch_size * n
+        mean = total * p_max
+        # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
+        count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
+        ids = torch.arange(count, device=key.device)
+        u_gap = rng.uniform(key, ids)  # (K, count)
+        gaps = torch.floor(torch.log(u_gap) / torch.log1p(-p.double())[:, None]).long()
+        position = torch.cumsum(gaps + 1, dim=1) - 1  # global entry ids of the active entries
+        values = (2 * rng.uniform(key, ids + count) - 1).float()
+        position = position - rank * local * n
+        inside = (position >= 0) & (position < local * n)
+        slot = torch.where(inside, position, local * n)  # entries of other ranks go to a spare slot
+        x = torch.zeros(key.shape[0], local * n + 1, device=key.device)
+        x.scatter_(1, slot, values)
+        return x[:, :-1].view(-1, local, n)
+
+    def _one_active(self, key: Tensor, rows: Tensor) -> Tensor:
+        n = self.n_features
+        feature = torch.clamp((rng.uniform(key, 2 * rows) * n).long(), max=n - 1)  # (K, B)
+        value = (2 * rng.uniform(key, 2 * rows + 1) - 1).float()
+        x = torch.zeros(key.shape[0], rows.shape[0], n, device=key.device)
+        return x.scatter_(2, feature[:, :, None], value[:, :, None])
+
