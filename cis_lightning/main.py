@@ -6,16 +6,25 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
 from cis_lightning.datamodule import CCDataModule
-from cis_lightning.errors import ConfigError
+from cis_lightning.errors import ConfigError, require
 from cis_lightning.models import MLP, ResidualMLP  # noqa: F401  (short class names in configs)
-from cis_lightning.module import CCModule
+from cis_lightning.module import CCModule, TrainingDiverged
 
 TRAINER_DEFAULTS = {
     "max_steps": 10_000,
@@ -28,15 +37,115 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
     "val_check_interval": 2500,
     "num_sanity_val_steps": 0,
-    "callbacks": [ModelCheckpoint(save_last=True, every_n_train_steps=1000)],
 }
+# The checkpoint callback is the CLI's `checkpoint` section (a fresh RunCheckpoint per run):
+# --checkpoint.every_n_train_steps N sets how often last.ckpt is written.
+CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_version_counter": False}
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, the shell's convention).
+EXIT_SIGTERM = 143
 
 
 class CISCLI(LightningCLI):
+    def init_parser(self, **kwargs: Any):
+        # Parse errors raise (run() prints them as one line) instead of printing the whole usage.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data module owns the problem's size and the instance list; the network follows it.
         parser.link_arguments("data.n_features", "model.network.init_args.n_features", apply_on="instantiate")
         parser.link_arguments("data.seeds", "model.network.init_args.seeds", apply_on="instantiate")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._checkpoint = None
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None and "ckpt_path" in self.config[subcommand]:
+            self._prepare_checkpoint(subcommand, self.config[subcommand])
+
+    def _prepare_checkpoint(self, subcommand: str, config: Namespace) -> None:
+        """Weights-only loading always; `last` is the run's own last.ckpt; a bad file stops here.
+
+        Checked before anything is instantiated, so a bad checkpoint leaves no run directory.
+        """
+        only_data = config.get("weights_only") is not False
+        require(only_data, "weights_only", "must be true: cis reads checkpoints as data only")
+        config.weights_only = True
+        path, version = config.ckpt_path, None
+        if path == "last":
+            path, version = self._last_checkpoint(subcommand, config)
+            config.ckpt_path = path
+        if path is None or path in ("best", "last", "hpc"):
+            return
+        self._checkpoint = (path, read_checkpoint(path))
+        if subcommand == "fit" and version is not None:
+            # Resume in the run's own version directory; TensorBoard drops the events that the
+            # interrupted run wrote after this checkpoint, so the curve has each step once.
+            init_args = config.trainer.logger.init_args
+            init_args.version = version
+            if "purge_step" in init_args:
+                init_args.purge_step = int(self._checkpoint[1].get("global_step", 0))
+
+    @staticmethod
+    def _last_checkpoint(subcommand: str, config: Namespace) -> tuple[str | None, str | None]:
+        """(RUN/checkpoints/last.ckpt of the newest run of this logger, save_dir/name/version_*; RUN's version).
+
+        None for `fit` when there is none yet, so the same command starts a run and resumes it.
+        """
+        logger = config.trainer.get("logger")
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if config.get("checkpoint", Namespace()).get("dirpath") or init_args is None or "save_dir" not in init_args:
+            return "last", None  # no version layout to search: Lightning looks in the callback's directory
+        root = Path(init_args.save_dir) / (init_args.get("name") or "")
+        version = init_args.get("version")
+        runs = [root / (version if isinstance(version, str) else f"version_{version}")] if version is not None else []
+        found = [run / "checkpoints" / "last.ckpt" for run in runs or root.glob("version_*")]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            require(subcommand == "fit", "ckpt_path", f"last: there is no checkpoints/last.ckpt under {root}")
+            rank_zero_info(f"cis: no checkpoints/last.ckpt under {root}: starting a new run")
+            return None, None
+        last = max(found, key=lambda path: path.stat().st_mtime)
+        return str(last), last.parent.parent.name
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # The model and data exist now: a checkpoint of another shape stops before the trainer does.
+        if self._checkpoint is not None:
+            path, checkpoint = self._checkpoint
+            expected = {f"network.{k}": v for k, v in self.model.network.state_dict().items()}
+            expected.update({f"task.{k}": v for k, v in self.datamodule.task.state_dict().items()})
+            check_fits(checkpoint, expected, path)
+            self._checkpoint = None
+        # Atomic checkpoint writes and weights-only reads, unless the config names its own CheckpointIO.
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
+        # Lightning creates the logger's directory before the set-up hooks that can raise.
+        log_dir = self.trainer.log_dir
+        created = None
+        for path in (Path(log_dir), *Path(log_dir).parents) if log_dir else ():
+            if path.exists():
+                break
+            created = path  # the outermost directory that this run would create
+        try:
+            super()._run_subcommand(subcommand)
+        except ConfigError:
+            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def before_fit(self) -> None:
+        max_steps = self.trainer.max_steps
+        require(max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
+        world, batch = self.trainer.world_size, self.datamodule.batch_size
+        require(batch % world == 0, "data.batch_size", f"(global batch) must divide by the {world} ranks, got {batch}")
 
 
 def _with_run_config(args: list[str]) -> list[str]:
@@ -62,7 +171,8 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI on `args` (default: sys.argv[1:]) and return it (its .trainer has the run).
 
-    Bad configuration exits 2 with one message naming the field.
+    Bad configuration exits 2 with one message naming the field, a diverging run 1 (its last good
+    checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
     """
     from_command_line = args is None
     args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
@@ -78,8 +188,36 @@ def run(args: list[str] | None = None) -> LightningCLI:
             seed_everything_default=False,
         )
     except ConfigError as error:
-        print(f"cis: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(error))
+    except ArgumentError as error:
+        _fail(_parse_error_message(error))
+    except MisconfigurationException as error:
+        _fail(f"trainer: {' '.join(str(error).split())}")
+    except TrainingDiverged as error:
+        _fail(str(error), status=1)
+    except SIGTERMException:
+        print("cis: stopped by SIGTERM; the same command with --ckpt_path last resumes the run", file=sys.stderr)
+        raise SystemExit(EXIT_SIGTERM) from None
+
+
+def _fail(message: str, status: int = 2) -> None:
+    """One line on stderr, no traceback, and the exit status (2: bad input, 1: training failed)."""
+    print(f"cis: error: {message}", file=sys.stderr)
+    raise SystemExit(status) from None
+
+
+def _parse_error_message(error: ArgumentError) -> str:
+    """jsonargparse's 'Parser key "model.lr": Expected a <class 'float'>. Got value: abc' as one line."""
+    text = str(error).strip()
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if match:
+        field, problem = match.groups()
+    else:  # a YAML syntax error names no key: it is the config file's
+        field, problem = ("config" if text.startswith("Problems parsing config") else None), text
+    problem = re.sub(r"Expected a <class '([\w.]+)'>", r"expected type \1", " ".join(problem.split()))
+    if len(problem) > 400:
+        problem = problem[:400] + " ..."
+    return f"{field}: {problem}" if field else problem
 
 
 if __name__ == "__main__":

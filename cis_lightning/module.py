@@ -18,6 +18,13 @@ from cis_lightning.evaluation import LossPerFeature, evaluation_probability, nai
 from cis_lightning.models import CCModel
 from cis_lightning.task import Task
 
+_NEVER = torch.iinfo(torch.int64).max
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or weight became NaN or infinite; the message names the step and the instances."""
+
+
 RESULT_COLUMNS = (
     "instance",
     "model",
@@ -78,7 +85,9 @@ class CCModule(pl.LightningModule):
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         losses = per_sample_loss(self.network, self.task, x).mean(dim=1)  # (K,)
+        self._watch_finite(losses)
         if self._logging_this_step():
+            self._stop_if_diverged()
             p = self.task.feature_probability.to(losses)
             self.log("train/loss", losses.mean(), on_step=True, prog_bar=True)
             self.log("train/loss_per_feature", (losses / p).mean(), on_step=True)
@@ -89,6 +98,53 @@ class CCModule(pl.LightningModule):
     def _logging_this_step(self) -> bool:
         """Log only on the steps the logger writes, so other steps make no host sync."""
         return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0
+
+    # -- divergence -----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device
+        # tensor updated every step without a host sync, read only where the host syncs anyway:
+        # logging steps, checkpoints and the end of training.
+        self._first_nonfinite = torch.full((self.task.n_instances,), _NEVER, dtype=torch.long, device=self.device)
+
+    def _watch_finite(self, losses: Tensor) -> None:
+        if getattr(self, "_first_nonfinite", None) is None:  # a training step outside fit()
+            return
+        new = ~torch.isfinite(losses.detach()) & (self._first_nonfinite == _NEVER)
+        self._first_nonfinite = torch.where(new, self.global_step, self._first_nonfinite)
+
+    def _stop_if_diverged(self, check_weights: bool = False) -> None:
+        """TrainingDiverged if a loss (or, with check_weights, a weight) is not finite, on every rank alike."""
+        if getattr(self, "_first_nonfinite", None) is None:
+            return
+        k = self.task.n_instances
+        first = self.all_gather(self._first_nonfinite).reshape(-1, k).amin(dim=0)  # earliest over ranks
+        step = int(first.min())
+        if step != _NEVER:
+            bad = (first == step).nonzero().flatten().tolist()
+            raise TrainingDiverged(self._divergence_message(bad, f"the loss is not finite at step {step}"))
+        if check_weights:  # weights are identical on all ranks, so every rank decides alike
+            finite = torch.stack([torch.isfinite(p.detach().reshape(k, -1)).all(dim=1) for p in self.parameters()])
+            bad = (~finite.all(dim=0)).nonzero().flatten().tolist()
+            if bad:
+                message = f"the weights are not finite after step {self.global_step - 1}"
+                raise TrainingDiverged(self._divergence_message(bad, message))
+
+    def _divergence_message(self, instances: list[int], what: str) -> str:
+        names = "; ".join(
+            f"instance {k} (sigma={i.sigma}, p={i.feature_probability}, seed={i.seed}, mixing={i.mixing.describe()})"
+            for k, i in ((k, self.task.instances[k]) for k in instances)
+        )
+        callback = self.trainer.checkpoint_callback
+        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        kept = f"the last good checkpoint {last} is kept" if last and last.is_file() else "no checkpoint was saved"
+        return f"training diverged: {names}: {what} (model.lr={self.lr}); {kept}"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never let a non-finite state overwrite the last good checkpoint.
+        self._stop_if_diverged(check_weights=True)
+
+    def on_train_end(self) -> None:
+        self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _start_eval(self) -> None:
@@ -200,4 +256,4 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "format_results"]
+__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "TrainingDiverged", "format_results"]

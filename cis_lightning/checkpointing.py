@@ -1,0 +1,138 @@
+"""Checkpoints that survive kills and are read as data, never as code.
+
+- `AtomicCheckpointIO` writes `<file>.partial` next to the target, fsyncs it and renames it over the
+  target (os.replace is atomic on POSIX): a process killed at any moment, SIGKILL included, leaves
+  either the previous checkpoint or the new one, never a torn file. Lightning's own writer stages the
+  file in the system temp directory and falls back to a non-atomic copy when that is another file
+  system, which is the usual case on clusters.
+- `read_checkpoint` is the one place that reads a checkpoint: `torch.load(weights_only=True)`, so
+  unpickling can build tensors and plain containers but can never call code; every failure becomes a
+  ConfigError naming `ckpt_path`.
+- `RunCheckpoint` is Lightning's ModelCheckpoint that also saves `last.ckpt` when the process gets
+  SIGTERM (what a cluster sends before preemption), so `--ckpt_path last` resumes from that step.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from cis_lightning.errors import ConfigError, require
+
+CHECKPOINT_FIELD = "ckpt_path"
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path`, loaded as data (weights_only=True); ConfigError if it cannot be.
+
+    A file whose unpickling would construct arbitrary objects (and so could run code) is refused.
+    """
+    path = Path(path)
+    require(path.is_file(), CHECKPOINT_FIELD, f"no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler names the global it refused to import, e.g. posix.system.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"would call {refused.group(1)} when loaded" if refused else "cannot be unpickled as plain data"
+        raise ConfigError(CHECKPOINT_FIELD, f"{path} {what}; refused (cis reads checkpoints as data only)") from None
+    except Exception as error:  # a hostile or damaged file can make the unpickler fail in any way
+        raise ConfigError(CHECKPOINT_FIELD, f"{path} is not a readable checkpoint ({_first_line(error)})") from None
+    require(
+        isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict),
+        CHECKPOINT_FIELD,
+        f"{path} is not a Lightning checkpoint (no state_dict)",
+    )
+    return checkpoint
+
+
+def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """ConfigError unless the checkpoint's state_dict has exactly the names and shapes of `expected`."""
+    saved = checkpoint["state_dict"]
+    hint = "(check model.network and the data settings against the run's config.yaml)"
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    require(not missing, CHECKPOINT_FIELD, f"{path} does not fit this config: no {', '.join(missing[:3])} {hint}")
+    require(
+        not unexpected,
+        CHECKPOINT_FIELD,
+        f"{path} does not fit this config: it has {', '.join(unexpected[:3])}, which this model has not {hint}",
+    )
+    for name, value in expected.items():
+        got = tuple(saved[name].shape)
+        require(
+            got == tuple(value.shape),
+            CHECKPOINT_FIELD,
+            f"{path} does not fit this config: {name} has shape {got} in the checkpoint and "
+            f"{tuple(value.shape)} here {hint}",
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); some file systems refuse to open directories."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write-then-rename checkpoint saving and weights-only loading (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the best available
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A fixed name: only global rank 0 writes, and a partial file left by a kill is overwritten next time.
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        require(weights_only is not False, "weights_only", "must be true: cis reads checkpoints as data only")
+        return read_checkpoint(path, map_location)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves last.ckpt when training is stopped by SIGTERM.
+
+    Lightning turns SIGTERM into a SIGTERMException between two steps (on every rank under DDP), so
+    the state saved here is a consistent end-of-step state, resumable like any periodic checkpoint.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not self.save_last:
+            return
+        if self._should_skip_saving_checkpoint(trainer):  # not fitting, or this step is saved already
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = trainer.global_step
+        rank_zero_info(f"cis: SIGTERM at step {trainer.global_step}: saved {self.last_model_path}")
