@@ -7,6 +7,7 @@ from cis_lightning.errors import ConfigError
 from cis_lightning.evaluation import evaluate, naive_loss_per_feature
 from cis_lightning.mixing import MIXING_KINDS, Mixing, build_mixing, effective_rank, embedding_mixing
 from cis_lightning.models import MLP, CCModel, ResidualMLP
+from cis_lightning.runs import Run, load_run
 from cis_lightning.task import Instance, Stream, Task, expand_grid
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Instance",
     "Mixing",
     "ResidualMLP",
+    "Run",
     "Stream",
     "Task",
     "build_mixing",
@@ -24,5 +26,6 @@ __all__ = [
     "embedding_mixing",
     "evaluate",
     "expand_grid",
+    "load_run",
     "naive_loss_per_feature",
 ]

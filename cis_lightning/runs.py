@@ -1,0 +1,127 @@
+"""Load a finished run into a notebook: `load_run(path)` -> the trained network, its task, config and results.
+
+Pure torch (no Lightning import): the network and the task are rebuilt from the run's saved
+config.yaml with the same classes and seeds, and their state is loaded with
+`torch.load(..., weights_only=True)`, so the task carries the exact M and sigma of the run.
+
+    run = load_run("runs/mlp_gaussian/version_0")
+    w_in, w_out = run.network.effective_weights()
+    cos = eigen_alignment(w_in, w_out, total_mixing(run.network, run.task))
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cis_lightning import models
+from cis_lightning.errors import ConfigError, require
+from cis_lightning.mixing import Mixing
+from cis_lightning.models import CCModel
+from cis_lightning.task import Instance, Task, expand_grid
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run: `network` (CCModel, eval mode) and `task` (Task with the run's M and sigma),
+    `config` (the saved config.yaml as a dict), `results` (results.csv rows with numbers parsed, or None),
+    `directory` (the run directory) and `weights` (the file the state came from)."""
+
+    network: CCModel
+    task: Task
+    config: dict[str, Any]
+    results: list[dict[str, Any]] | None
+    directory: Path
+    weights: Path
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
+    """The run at `path`: a run directory (runs/<name>/version_<n>) or a checkpoint file inside one.
+
+    Weights come from the checkpoint if one is given; for a directory from weights.pt (the final
+    state), else checkpoints/last.ckpt, else the `ckpt_path` a `cis test` run's config names.
+    """
+    path = Path(path)
+    require(path.exists(), "path", f"{path} does not exist")
+    directory = path.parent.parent if path.is_file() else path
+    config_file = directory / "config.yaml"
+    require(config_file.is_file(), "path", f"no config.yaml in {directory}: give a run directory or its checkpoint")
+    config = yaml.safe_load(config_file.read_text())
+    weights = path if path.is_file() else _weights_file(directory, config)
+    task = _task(config.get("data") or {})
+    network = _network(config, task)
+    state = torch.load(weights, map_location=map_location, weights_only=True)
+    if "state_dict" in state:  # a Lightning checkpoint: the module's keys are network.* and task.*
+        state = {
+            part: {k.removeprefix(f"{part}."): v for k, v in state["state_dict"].items() if k.startswith(f"{part}.")}
+            for part in ("network", "task")
+        }
+    network.load_state_dict(state["network"])
+    task.load_state_dict(state["task"])
+    network.to(map_location).eval()
+    task.to(map_location)
+    return Run(network, task, config, _results(directory / "results.csv"), directory, weights)
+
+
+def _weights_file(directory: Path, config: dict) -> Path:
+    for candidate in (directory / "weights.pt", directory / "checkpoints" / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path:  # a `cis test` run: its weights are the checkpoint it tested
+        for candidate in (Path(ckpt_path), directory / ckpt_path):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError("path", f"no weights.pt, checkpoints/last.ckpt or readable ckpt_path in {directory}")
+
+
+def _task(data: dict) -> Task:
+    """The data module's task from its config (same construction as CCDataModule)."""
+    mixing = Mixing(**(data.get("mixing") or {}))
+    keys = ("feature_probability", "sigma", "learn_sigma", "seed")
+    base = Instance(mixing=mixing, **{k: data[k] for k in keys if k in data})
+    return Task(expand_grid(base, data.get("grid")), data.get("n_features", 100), data.get("exactly_one_active", False))
+
+
+def _network(config: dict, task: Task) -> CCModel:
+    spec = (config.get("model") or {}).get("network") or {}
+    class_path = spec.get("class_path", "")
+    module_name, _, name = class_path.rpartition(".")
+    module = importlib.import_module(module_name) if module_name else models
+    cls = getattr(module, name, None)
+    require(
+        isinstance(cls, type) and issubclass(cls, CCModel),
+        "model.network.class_path",
+        f"{class_path!r} is not a CCModel class",
+    )
+    # n_features and seeds are linked from the data config by the CLI, so config.yaml leaves them out.
+    seeds = [instance.seed for instance in task.instances]
+    return cls(**{**(spec.get("init_args") or {}), "n_features": task.n_features, "seeds": seeds})
+
+
+def _results(path: Path) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(value: str) -> Any:
+    if value in ("True", "False"):
+        return value == "True"
+    if value == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
