@@ -122,17 +122,73 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also saves last.ckpt when training is stopped by SIGTERM.
+    """ModelCheckpoint for exact resume: last.ckpt every N steps, at the end, and on SIGTERM.
 
-    Lightning turns SIGTERM into a SIGTERMException between two steps (on every rank under DDP), so
-    the state saved here is a consistent end-of-step state, resumable like any periodic checkpoint.
+    Three changes to Lightning's callback, each needed for a resumed run to log the same curve and
+    end with the same weights as an uninterrupted one:
+    - The every-N-steps checkpoint of step s is written at the start of batch s instead of the end
+      of batch s - 1, after batch s - 1's metrics went to the logger, and the loggers are flushed
+      first: a kill at any moment then loses no logged step that the resumed run would not log again.
+    - last.ckpt is also written when training ends (Lightning writes it then only if no checkpoint
+      was saved before), so `cis test --ckpt_path last.ckpt` tests the final model.
+    - On SIGTERM, which Lightning turns into an exception between two steps (on every rank under
+      DDP), last.ckpt is written before the process exits.
     """
 
+    def _every_n_steps_due(self, trainer: pl.Trainer) -> bool:
+        n = self._every_n_train_steps
+        return n >= 1 and trainer.global_step > 0 and trainer.global_step % n == 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step > 0:  # resumed from this very step's checkpoint: no need to write it again
+            self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self._every_n_steps_due(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._at_batch_start = True
+            try:
+                self._save_now(trainer, topk=True)
+            finally:
+                self._at_batch_start = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if getattr(self, "_at_batch_start", False):
+            # Lightning restores its loop counters assuming the save happened at the end of a batch
+            # (ModelCheckpoint's own place); saved as they are at the start of batch s, a restart
+            # would count one step too many and shift every logged step. So record the counters as
+            # they were at the end of batch s - 1, before its validation (which the restart skips).
+            fit_loop = checkpoint["loops"]["fit_loop"]
+            for counts in (
+                fit_loop["epoch_loop.batch_progress"]["total"],
+                fit_loop["epoch_loop.batch_progress"]["current"],
+            ):
+                counts["ready"] = counts["started"] = counts["processed"] = counts["completed"]
+                counts["completed"] -= 1
+            fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any):
+        if self._every_n_train_steps < 1:  # time-based saving stays Lightning's
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_now(trainer, topk=False)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not self.save_last:
-            return
-        if self._should_skip_saving_checkpoint(trainer):  # not fitting, or this step is saved already
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if (
+            isinstance(exception, SIGTERMException)
+            and self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_now(trainer, topk=False)
+            rank_zero_info(f"cis: SIGTERM at step {trainer.global_step}: saved {self.last_model_path}")
+
+    def _save_now(self, trainer: pl.Trainer, topk: bool) -> None:
+        for logger in trainer.loggers:  # events first: the checkpoint never gets ahead of the curve
+            logger.save()
+        candidates = self._monitor_candidates(trainer)
+        if topk:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
         self._last_global_step_saved = trainer.global_step
-        rank_zero_info(f"cis: SIGTERM at step {trainer.global_step}: saved {self.last_model_path}")
