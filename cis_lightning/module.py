@@ -185,7 +185,11 @@ class CCModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         lpf, stderr = self._finish_eval("test")
-        self._write_results(self.result_rows(lpf, stderr))
+        directory = self._output_directory()  # on every rank: trainer.log_dir is a collective under DDP
+        self._write_results(self.result_rows(lpf, stderr), directory)
+
+    def _output_directory(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def predict_step(self, x: Tensor, batch_idx: int) -> Tensor:
         return self.network(x)
@@ -217,8 +221,7 @@ class CCModule(pl.LightningModule):
         return "residual" if instance.mixing.kind == "none" else f"residual+{instance.mixing.describe()}"
 
     @rank_zero_only
-    def _write_results(self, rows: list[dict]) -> None:
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _write_results(self, rows: list[dict], directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]))
@@ -230,8 +233,9 @@ class CCModule(pl.LightningModule):
 
     # -- final weights --------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "weights.pt"
+        log_dir = self.trainer.log_dir  # on every rank: a collective under DDP
+        if self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "weights.pt"
             state = {"network": self.network.state_dict(), "task": self.task.state_dict()}
             tmp = path.with_suffix(".pt.tmp")
             torch.save(state, tmp)
