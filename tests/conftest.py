@@ -1,0 +1,39 @@
+"""Shared helpers: tiny but real command lines for the `cis` CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(save_dir: Path, config: str = "configs/mlp_gaussian.yaml", steps: int = 20) -> list[str]:
+    """Arguments that make any config train and evaluate in about a second."""
+    return [
+        "--config",
+        str(REPO / config),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.log_every_n_steps",
+        "5",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--data.batch_size",
+        "256",
+        "--data.eval_nonempty_samples",
+        "2000",
+        "--data.eval_batch_size",
+        "4096",
+    ]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """tiny(config, steps) -> argument list writing under this test's tmp_path."""
+    return lambda config="configs/mlp_gaussian.yaml", steps=20: tiny_args(tmp_path / "runs", config, steps)

@@ -1,0 +1,110 @@
+"""The real LightningCLI end to end: fit, test from the checkpoint alone, results and errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cis_lightning.main import main, run
+from cis_lightning.module import RESULT_COLUMNS
+
+from .conftest import REPO
+
+
+def read_results(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_writes_a_complete_run_directory(tiny):
+    cli = run(["fit", *tiny("configs/compressed_computation.yaml"), "--model.network.init_args.d_embed", "64"])
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    weights = torch.load(run_dir / "weights.pt", weights_only=True)
+    assert set(weights) == {"network", "task"}
+    assert weights["network"]["w_embed"].shape == (1, 100, 64)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/loss_per_feature"} <= set(tags)
+    assert all(torch.isfinite(torch.tensor([e.value for e in events.Scalars("train/loss")])))
+
+
+def test_test_from_a_checkpoint_alone_writes_results_csv(tiny, capsys):
+    fit = run(["fit", *tiny()])
+    checkpoint = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    test = run(["test", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    results = Path(test.trainer.log_dir) / "results.csv"
+    rows = read_results(results)
+    assert len(rows) == 1
+    assert list(rows[0])[: len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
+    row = rows[0]
+    assert (row["model"], row["mixing"], float(row["sigma"]), float(row["p"])) == ("MLP", "gaussian(sym)", 0.03, 0.01)
+    assert float(row["naive_loss_per_feature"]) == pytest.approx(50 / 100 / 6)
+    assert float(row["loss_per_feature"]) > 0 and float(row["loss_per_feature_stderr"]) > 0
+    assert "L/p" in capsys.readouterr().out
+
+
+def test_test_evaluates_the_matrices_saved_in_the_checkpoint(tiny):
+    """A checkpoint's M wins over the one the config would draw (e.g. after a code change)."""
+    fit = run(["fit", *tiny()])
+    run_dir = Path(fit.trainer.log_dir)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["state_dict"]["task.mixing"].zero_()
+    checkpoint["state_dict"]["network.w_out"].zero_()
+    torch.save(checkpoint, run_dir / "checkpoints" / "zeroed.ckpt")
+    test = run(["test", "--ckpt_path", str(run_dir / "checkpoints" / "zeroed.ckpt"), "--trainer.enable_progress_bar", "false"])
+    row = read_results(Path(test.trainer.log_dir) / "results.csv")[0]
+    # Zero output against labels ReLU(x) (M = 0): L / p = E[ReLU(u)^2] = 1/6 exactly in expectation.
+    lpf, err = float(row["loss_per_feature"]), float(row["loss_per_feature_stderr"])
+    assert abs(lpf - 1 / 6) < 5 * err
+
+
+def test_a_second_run_of_the_same_config_is_not_blocked(tiny):
+    first = run(["fit", *tiny(steps=5)])
+    second = run(["fit", *tiny(steps=5)])
+    assert first.trainer.log_dir != second.trainer.log_dir
+
+
+@pytest.mark.parametrize("config", ["compressed_computation", "mlp_embedding", "mlp_gaussian", "mlp_clean"])
+def test_every_config_parses_with_the_papers_defaults(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    for setting in ("max_steps: 10000", "batch_size: 2048", "feature_probability: 0.01", "lr: 0.003", "weight_decay: 0.01"):
+        assert setting in printed
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        (["--data.feature_probability", "0"], "data.feature_probability"),
+        (["--data.sigma", "-1"], "data.sigma"),
+        (["--data.batch_size", "0"], "data.batch_size"),
+        (["--model.network.init_args.d_mlp", "0"], "model.d_mlp"),
+        (["--data.mixing.kind", "low_rank", "--data.mixing.rank", "101"], "data.mixing.rank"),
+        (["--model.lr", "-0.1"], "model.lr"),
+    ],
+)
+def test_bad_values_stop_before_training_with_one_message(tiny, tmp_path, capsys, override, field):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *tiny(), *override])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cis: error: {field}:" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "cis_lightning", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0
+    assert all(command in done.stdout for command in ("fit", "validate", "test", "predict"))
