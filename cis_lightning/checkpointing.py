@@ -5,9 +5,8 @@
   either the previous checkpoint or the new one, never a torn file. Lightning's own writer stages the
   file in the system temp directory and falls back to a non-atomic copy when that is another file
   system, which is the usual case on clusters.
-- `read_checkpoint` is the one place that reads a checkpoint: `torch.load(weights_only=True)`, so
-  unpickling can build tensors and plain containers but can never call code; every failure becomes a
-  ConfigError naming `ckpt_path`.
+- Reading goes through `loading.read_checkpoint`: `torch.load(weights_only=True)`, so unpickling can
+  build tensors and plain containers but can never call code; every failure is a ConfigError.
 - `RunCheckpoint` is Lightning's ModelCheckpoint that also saves `last.ckpt` when the process gets
   SIGTERM (what a cluster sends before preemption), so `--ckpt_path last` resumes from that step.
 """
@@ -15,8 +14,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,60 +24,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cis_lightning.errors import ConfigError, require
+from cis_lightning.errors import require
+from cis_lightning.loading import check_fits, read_checkpoint
 
-CHECKPOINT_FIELD = "ckpt_path"
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """The checkpoint at `path`, loaded as data (weights_only=True); ConfigError if it cannot be.
-
-    A file whose unpickling would construct arbitrary objects (and so could run code) is refused.
-    """
-    path = Path(path)
-    require(path.is_file(), CHECKPOINT_FIELD, f"no checkpoint file at {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's weights-only unpickler names the global it refused to import, e.g. posix.system.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"would call {refused.group(1)} when loaded" if refused else "cannot be unpickled as plain data"
-        raise ConfigError(CHECKPOINT_FIELD, f"{path} {what}; refused (cis reads checkpoints as data only)") from None
-    except Exception as error:  # a hostile or damaged file can make the unpickler fail in any way
-        raise ConfigError(CHECKPOINT_FIELD, f"{path} is not a readable checkpoint ({_first_line(error)})") from None
-    require(
-        isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict),
-        CHECKPOINT_FIELD,
-        f"{path} is not a Lightning checkpoint (no state_dict)",
-    )
-    return checkpoint
-
-
-def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """ConfigError unless the checkpoint's state_dict has exactly the names and shapes of `expected`."""
-    saved = checkpoint["state_dict"]
-    hint = "(check model.network and the data settings against the run's config.yaml)"
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    require(not missing, CHECKPOINT_FIELD, f"{path} does not fit this config: no {', '.join(missing[:3])} {hint}")
-    require(
-        not unexpected,
-        CHECKPOINT_FIELD,
-        f"{path} does not fit this config: it has {', '.join(unexpected[:3])}, which this model has not {hint}",
-    )
-    for name, value in expected.items():
-        got = tuple(saved[name].shape)
-        require(
-            got == tuple(value.shape),
-            CHECKPOINT_FIELD,
-            f"{path} does not fit this config: {name} has shape {got} in the checkpoint and "
-            f"{tuple(value.shape)} here {hint}",
-        )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "check_fits", "read_checkpoint"]
 
 
 def _fsync_directory(directory: Path) -> None:

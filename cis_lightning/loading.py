@@ -1,0 +1,73 @@
+"""Reading checkpoints as data, never as code (pure torch: no Lightning import).
+
+`read_checkpoint` is the one place that reads a checkpoint or a weights.pt: `torch.load(weights_only=True)`,
+so unpickling can build tensors and plain containers but can never call code. Every failure,
+including a refused file, becomes one ConfigError naming the field the path came from.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cis_lightning.errors import ConfigError, require
+
+CHECKPOINT_FIELD = "ckpt_path"
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", field: str = CHECKPOINT_FIELD, lightning: bool = True
+) -> dict[str, Any]:
+    """The checkpoint at `path` loaded as data (weights_only=True); ConfigError naming `field` if it cannot be.
+
+    A file whose unpickling would construct arbitrary objects (and so could run code) is refused.
+    `lightning`: require a Lightning checkpoint (a dict with a state_dict); else any dict (weights.pt).
+    """
+    path = Path(path)
+    require(path.is_file(), field, f"no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler names the global it refused to import, e.g. posix.system.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"would call {refused.group(1)} when loaded" if refused else "cannot be unpickled as plain data"
+        raise ConfigError(field, f"{path} {what}; refused (cis reads checkpoints as data only)") from None
+    except Exception as error:  # a hostile or damaged file can make the unpickler fail in any way
+        raise ConfigError(field, f"{path} is not a readable checkpoint ({_first_line(error)})") from None
+    require(isinstance(checkpoint, dict), field, f"{path} is not a checkpoint (it holds a {type(checkpoint).__name__})")
+    if lightning:
+        state = checkpoint.get("state_dict")
+        require(isinstance(state, dict), field, f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """ConfigError unless the network.* and task.* entries of the checkpoint have the names and shapes of `expected`."""
+    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.split(".", 1)[0] in ("network", "task")}
+    hint = "(check model.network and the data settings against the run's config.yaml)"
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    require(not missing, CHECKPOINT_FIELD, f"{path} does not fit this config: no {', '.join(missing[:3])} {hint}")
+    require(
+        not unexpected,
+        CHECKPOINT_FIELD,
+        f"{path} does not fit this config: it has {', '.join(unexpected[:3])}, which this model has not {hint}",
+    )
+    for name, value in expected.items():
+        got = tuple(saved[name].shape)
+        require(
+            got == tuple(value.shape),
+            CHECKPOINT_FIELD,
+            f"{path} does not fit this config: {name} has shape {got} in the checkpoint and "
+            f"{tuple(value.shape)} here {hint}",
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
