@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cis_lightning.errors import check_sizes
+from cis_lightning.errors import check_sizes, require
 from cis_lightning.evaluation import evaluation_probability, samples_for
 from cis_lightning.mixing import Mixing
 from cis_lightning.task import Instance, Stream, Task, expand_grid
@@ -35,6 +35,17 @@ class _Steps(IterableDataset):
         return ((int(self.stream), step) for step in steps)
 
 
+def select_shard(instances: list[Instance], shard: str | None) -> list[Instance]:
+    """Instances i, i + N, i + 2N, ... for shard "i/N" (all for None)."""
+    if shard is None:
+        return instances
+    index, _, count = str(shard).partition("/")
+    valid = index.isdigit() and count.isdigit() and 0 <= int(index) < int(count) <= len(instances)
+    allowed = f"'i/N' with 0 <= i < N <= {len(instances)} (the grid's instances)"
+    require(valid, "data.shard", f"must be {allowed}, got {shard!r}")
+    return instances[int(index) :: int(count)]
+
+
 class CCDataModule(pl.LightningDataModule):
     """Inputs x and labels ReLU(x) + sigma M x (+ x for the residual model) for K instances.
 
@@ -42,6 +53,12 @@ class CCDataModule(pl.LightningDataModule):
     learn_sigma, mixing.<option>) to lists of values, and their cartesian product gives the
     instances. `batch_size` is the global batch, shared by all ranks. Evaluation uses about
     `eval_nonempty_samples` non-empty samples per instance.
+
+    `shard` "i/N" keeps instances i, i + N, i + 2N, ... of the grid: N runs with shards 0/N .. N-1/N
+    (one per process, node or SLURM array task) train the whole sweep with no communication, and
+    each instance exactly as in the unsharded run (instances never interact: the loss is a sum of
+    per-instance losses, and an instance's data and initialisation depend only on its seed). Instance
+    numbers restart at 0 in each shard; the setting columns of results.csv identify the instances.
     """
 
     def __init__(
@@ -57,6 +74,7 @@ class CCDataModule(pl.LightningDataModule):
         eval_nonempty_samples: int = 1_000_000,
         eval_batch_size: int = 65536,
         grid: dict[str, list[Any]] | None = None,
+        shard: str | None = None,
     ):
         super().__init__()
         check_sizes(
@@ -72,7 +90,8 @@ class CCDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_nonempty_samples = eval_nonempty_samples
         self.eval_batch_size = eval_batch_size
-        self.task = Task(expand_grid(base, grid), n_features, exactly_one_active)
+        self.shard = shard
+        self.task = Task(select_shard(expand_grid(base, grid), shard), n_features, exactly_one_active)
 
     @property
     def seeds(self) -> list[int]:

@@ -53,6 +53,7 @@ CASES = [
     ("rank_above_n", ["--data.mixing.kind", "low_rank", "--data.mixing.rank", "500"], "data.mixing.rank", "500"),
     ("unknown_model_name", ["--model.network.class_path", "Transformer"], "model.network", "Transformer"),
     ("grid_value_not_a_list", ["--data.grid", '{"sigma": 0.1}'], "data.grid", "list"),
+    ("shard_out_of_range", ["--data.shard", "2/2"], "data.shard", "0 <= i < N"),
     ("grid_unknown_key", ["--data.grid", '{"banana": [1]}'], "data.grid.banana", "unknown grid key"),
     ("max_steps_not_a_number", ["--trainer.max_steps", "abc"], "trainer.max_steps", "abc"),
     ("max_steps_zero", ["--trainer.max_steps", "0"], "trainer.max_steps", "positive integer"),

@@ -148,6 +148,18 @@ def test_ddp_test_writes_results_once_with_the_single_process_numbers(ddp, singl
         assert float(got["loss_per_feature_stderr"]) == pytest.approx(err, rel=1e-3)
 
 
+def test_shards_of_a_sweep_train_each_instance_exactly_as_the_whole_sweep(tmp_path):
+    # A sweep too large for one device is split into independent runs ("i/N" shards), e.g. one per
+    # SLURM array task; instance k trains the same in its shard as in the whole sweep.
+    sweep = [*tiny_args(tmp_path, steps=4), "--data.grid", '{"seed": [0, 1, 2]}', "--data.batch_size", "64"]
+    whole = run(["fit", *sweep]).model.network.state_dict()
+    for shard, instances in (("0/2", [0, 2]), ("1/2", [1])):
+        part = run(["fit", *sweep, "--data.shard", shard])
+        assert [i.seed for i in part.datamodule.task.instances] == instances
+        for name, value in part.model.network.state_dict().items():
+            torch.testing.assert_close(value, whole[name][instances], rtol=1e-5, atol=1e-7)
+
+
 if __name__ == "__main__":
     # The DDP driver: python tests/test_ddp.py CIS_ARGS... (each rank runs this same command).
     fit = run(["fit", *sys.argv[1:]])
