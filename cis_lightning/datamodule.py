@@ -130,5 +130,6 @@ class CCDataModule(pl.LightningDataModule):
         stream, step = batch
         if stream == Stream.TRAIN:
             rank, world = self._rank_and_world()
-            return self.task.sample(self.batch_size, step, Stream.TRAIN, rank, world)
+            # Sparse batches stay sparse: the loss never needs the dense (B, n) input (`per_sample_loss`).
+            return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world)
         return self.task.sample(self.eval_batch_size, step, Stream(stream))

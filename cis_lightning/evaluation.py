@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from cis_lightning.errors import require
 from cis_lightning.models import CCModel
-from cis_lightning.task import Stream, Task, nonempty_probability
+from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, to_dense
 
 
 def naive_loss_per_feature(n_features: int, n_neurons: int) -> float:
@@ -38,10 +39,55 @@ def samples_for(n_nonempty: int, task: Task, feature_probability: list[float]) -
     return math.ceil(n_nonempty / worst)
 
 
-def per_sample_loss(model: CCModel, task: Task, x: Tensor) -> Tensor:
-    """Mean squared error over features for every sample: (K, B)."""
+def per_sample_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
+    """Mean squared error over features for every sample: (K, B). x (K, B, n), dense or sparse.
+
+    A sparse batch of a model with the readout form is never made dense (`_readout_loss`).
+    """
+    if isinstance(x, SparseInput) and model.has_readout_form:
+        return _readout_loss(model, task, x)
+    x = to_dense(x)
     y = task.labels(x, residual=model.residual)
     return (model(x) - y).pow(2).mean(dim=-1)
+
+
+def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
+    """per_sample_loss from the readout form, at O(B m^2 + C (n + m)) instead of O(B n m).
+
+    With y_hat = L x + W h + b and y = ReLU(x) + S x (S = sigma M, + I for a residual network),
+    the error is W' h' - u with h' = [h, 1], W' = [W, b] and u = ReLU(x) + (S - L) x, so
+    ||e||^2 = h'^T (W'^T W') h' - 2 h' . (W'^T u) + ||u||^2: the (B, n) output is never formed,
+    and W'^T u and u come from the C active entries of x alone.
+    """
+    h = model.hidden(x)  # (K, B, m)
+    w, b = model.readout()  # (K, n, m), (K, 1, n) or None
+    if b is not None:
+        h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+        w = torch.cat([w, b.transpose(1, 2)], dim=-1)
+    r = _label_map(model, task)  # (K, n, n) or None
+    w_t = w.transpose(1, 2)  # (K, m, n)
+    relu_x = x.relu()
+    cross = relu_x.times(w_t)  # (K, B, m): W'^T ReLU(x)
+    if r is None:
+        u_sq = relu_x.row_sum(relu_x.value.pow(2))  # entries of a sample are distinct features
+    else:
+        cross = cross + x.times(w_t @ r)
+        u_sq = (relu_x.dense() + x.times(r)).pow(2).sum(dim=-1)
+    quadratic = (torch.bmm(h, w_t @ w) * h).sum(dim=-1)
+    return (quadratic - 2 * (h * cross).sum(dim=-1) + u_sq) / x.n_features
+
+
+def _label_map(model: CCModel, task: Task) -> Tensor | None:
+    """S - L (K, n, n): the labels' linear part sigma M (+ I if residual) minus the model's skip path L."""
+    n = task.n_features
+    r = task.scaled_mixing() if task.has_mixing else None
+    if model.residual:
+        eye = torch.eye(n, device=task.mixing.device)
+        r = eye if r is None else r + eye
+    skip = model.skip()
+    if skip is not None:
+        r = -skip if r is None else r - skip
+    return r
 
 
 class LossPerFeature(Metric):
@@ -88,6 +134,46 @@ class Evaluation:
     n_samples: int
 
 
+# Strata (numbers of active features) whose probability, given a non-empty sample, is below this
+# are left out of the stratified estimate: their share of L is below 1e-12 times their mean loss.
+_NEGLIGIBLE_STRATUM = 1e-12
+
+
+@torch.no_grad()
+def single_feature_loss(model: CCModel, task: Task) -> Tensor:
+    """E[loss | exactly one active feature] (K,), exact for a positively homogeneous model.
+
+    A bias-free ReLU network and the labels ReLU(x) + M x (+ x) satisfy f(a x) = a f(x) for a >= 0,
+    so loss(u e_i) = u^2 loss(sign(u) e_i); with u uniform on [-1, 1], E[u^2 | u > 0] = 1/3 and
+    each sign has probability 1/2:  E = sum_i (loss(e_i) + loss(-e_i)) / (6 n), from 2n forward passes.
+    """
+    name = type(model).__name__
+    require(model.homogeneous, "model", f"{name} has biases: its single-feature loss has no closed form")
+    n = task.n_features
+    eye = torch.eye(n, device=task.mixing.device)
+    x = torch.cat([eye, -eye]).expand(task.n_instances, 2 * n, n)
+    return per_sample_loss(model, task, x).double().sum(dim=1) / (6 * n)
+
+
+def loss_per_feature_limit(model: CCModel, task: Task) -> Tensor:
+    """lim_{p -> 0} L / p (K,) = n E[loss | one active], exact for a homogeneous model.
+
+    Also L / p of exactly-one-active data (p = 1/n there).
+    """
+    return task.n_features * single_feature_loss(model, task)
+
+
+def active_count_probability(task: Task, feature_probability: list[float]) -> Tensor:
+    """P(k features active) (K, n + 1): Binomial(n, p_k), or all mass on k = 1 for exactly-one-active data."""
+    n = task.n_features
+    if task.exactly_one_active:
+        return torch.zeros(task.n_instances, n + 1, dtype=torch.float64).index_fill_(1, torch.tensor([1]), 1.0)
+    p = torch.tensor(feature_probability, dtype=torch.float64)[:, None]
+    k = torch.arange(n + 1, dtype=torch.float64)
+    log_choose = torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    return torch.exp(log_choose + k * torch.log(p) + (n - k) * torch.log1p(-p)).nan_to_num(0.0)
+
+
 @torch.no_grad()
 def evaluate(
     model: CCModel,
@@ -96,12 +182,21 @@ def evaluate(
     batch_size: int = 65536,
     stream: Stream = Stream.TEST,
     feature_probability: list[float] | None = None,
+    method: str = "stratified",
 ) -> Evaluation:
-    """L / p of every instance from about `n_nonempty` non-empty samples (the paper's protocol).
+    """L / p of every instance, with its standard error, from about `n_nonempty` non-empty samples.
 
-    `feature_probability` (K floats) evaluates at other p than the trained ones.
+    method "dense" is the paper's protocol: dense batches of the input distribution, empty samples
+    included. "stratified" (default) estimates the same L as sum_k P(k active) E[loss | k active]:
+    the empty sample's loss is one forward pass, a homogeneous model's one-active term is exact
+    (`single_feature_loss`), and the `n_nonempty` samples go to the other strata in proportion to
+    their probability. Exact strata contribute no error: exactly-one-active data and, in effect,
+    p -> 0 give stderr 0. `feature_probability` (K floats) evaluates at other p than the trained ones.
     """
+    require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
     ps = evaluation_probability(task) if feature_probability is None else list(feature_probability)
+    if method == "stratified":
+        return _evaluate_stratified(model, task, n_nonempty, batch_size, stream, ps)
     n_batches = math.ceil(samples_for(n_nonempty, task, ps) / batch_size)
     metric = LossPerFeature(ps).to(task.mixing.device)
     for step in range(n_batches):
@@ -109,3 +204,41 @@ def evaluate(
         metric.update(per_sample_loss(model, task, x))
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), n_batches * batch_size)
+
+
+def _evaluate_stratified(
+    model: CCModel, task: Task, n_nonempty: int, batch_size: int, stream: Stream, ps: list[float]
+) -> Evaluation:
+    """sum_k w_k m_k with w_k = P(k active); variance sum_k w_k^2 s_k^2 / N_k over the sampled strata."""
+    n, device = task.n_features, task.mixing.device
+    weights = active_count_probability(task, ps)  # (K, n + 1)
+    zero = torch.zeros(task.n_instances, 1, n, device=device)
+    exact = {0: per_sample_loss(model, task, zero).double()[:, 0].cpu()}
+    if model.homogeneous:
+        exact[1] = single_feature_loss(model, task).cpu()
+    nonempty = weights[:, 1:].sum(dim=1, keepdim=True)
+    relevant = (weights / nonempty).amax(dim=0) >= _NEGLIGIBLE_STRATUM
+    sampled = [k for k in range(1, n + 1) if k not in exact and relevant[k]]
+    total = torch.zeros(task.n_instances, dtype=torch.float64)
+    variance = torch.zeros_like(total)
+    for k, w in exact.items():
+        total += weights[:, k] * w
+    n_drawn = 0
+    if sampled:
+        # N_k proportional to w_k among the sampled strata (the largest share over instances), >= 2.
+        share = (weights[:, sampled] / weights[:, sampled].sum(dim=1, keepdim=True)).amax(dim=0)
+        for k, fraction in zip(sampled, share.tolist(), strict=True):
+            count = max(2, math.ceil(n_nonempty * fraction))
+            sums = torch.zeros(2, task.n_instances, dtype=torch.float64, device=device)
+            for step, start in enumerate(range(0, count, batch_size)):
+                x = task.sample_active(k, min(batch_size, count - start), step, stream)
+                losses = per_sample_loss(model, task, x).double()
+                sums += torch.stack([losses.sum(dim=1), losses.pow(2).sum(dim=1)])
+            n_k = float(count)
+            mean, mean_sq = (sums[0] / n_k).cpu(), (sums[1] / n_k).cpu()
+            sample_variance = (mean_sq - mean.pow(2)).clamp_min(0) * n_k / (n_k - 1)
+            total += weights[:, k] * mean
+            variance += weights[:, k].pow(2) * sample_variance / n_k
+            n_drawn += count
+    p = torch.tensor(ps, dtype=torch.float64)
+    return Evaluation(total / p, variance.sqrt() / p, n_drawn)

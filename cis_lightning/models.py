@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cis_lightning.errors import check_sizes, require
 from cis_lightning.mixing import embedding_mixing, random_embedding
+from cis_lightning.task import SparseInput, times
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], bound: float) -> Tensor:
@@ -53,6 +54,30 @@ class CCModel(nn.Module):
     def effective_mixing(self) -> Tensor:
         k, n = self.n_instances, self.n_features
         return torch.zeros(k, n, n, device=self.effective_weights()[0].device)
+
+    @property
+    def homogeneous(self) -> bool:
+        """f(a x) = a f(x) for a >= 0 (no biases): single-feature losses have a closed form."""
+        return False
+
+    # The readout form, y_hat = x L^T + H(x) W^T + b, lets the loss skip the dense (B, n) output
+    # (`evaluation.per_sample_loss`). Models that have it say so with has_readout_form.
+    @property
+    def has_readout_form(self) -> bool:
+        """Whether forward(x) == x skip()^T + hidden(x) readout()[0]^T + readout()[1]."""
+        return False
+
+    def hidden(self, x: Tensor | SparseInput) -> Tensor:
+        """All ReLU activations H(x) (K, B, m) for x (K, B, n), dense or sparse."""
+        raise NotImplementedError
+
+    def readout(self) -> tuple[Tensor, Tensor | None]:
+        """W (K, n, m) from the activations to the output, and the output bias b (K, 1, n) or None."""
+        raise NotImplementedError
+
+    def skip(self) -> Tensor | None:
+        """L (K, n, n), the linear path from input to output, or None."""
+        return None
 
 
 class MLP(CCModel):
@@ -99,6 +124,17 @@ class MLP(CCModel):
     def effective_weights(self) -> tuple[Tensor, Tensor]:
         w_out = self.w_in.transpose(1, 2) if self.tied else self.w_out
         return self.w_in, w_out
+
+    @property
+    def has_readout_form(self) -> bool:
+        return type(self).forward is MLP.forward  # a subclass with its own forward must say so itself
+
+    def hidden(self, x: Tensor | SparseInput) -> Tensor:
+        pre = times(x, self.effective_weights()[0])  # (K, B, h)
+        return torch.relu(pre if self.b_hidden is None else pre + self.b_hidden)
+
+    def readout(self) -> tuple[Tensor, Tensor | None]:
+        return self.effective_weights()[1], self.b_out
 
     def forward(self, x: Tensor) -> Tensor:
         w_in, w_out = self.effective_weights()
@@ -148,6 +184,20 @@ class ResidualMLP(CCModel):
         self.register_buffer("w_embed", torch.stack(w_embed))
         self.w_in = nn.Parameter(torch.stack(w_in))
         self.w_out = nn.Parameter(torch.stack(w_out))
+        # G = W_E W_E^T (K, n, n) costs n^2 D per instance: made once, and again whenever W_E is
+        # loaded or converted (a float32 G cast to float64 would not be W_E W_E^T in float64).
+        self.register_buffer("embed_gram", self.w_embed @ self.w_embed.transpose(1, 2), persistent=False)
+        self.register_load_state_dict_post_hook(ResidualMLP._refresh_gram)
+
+    @staticmethod
+    def _refresh_gram(module: ResidualMLP, incompatible_keys=None) -> None:
+        with torch.no_grad():
+            module.embed_gram = module.w_embed @ module.w_embed.transpose(1, 2)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._refresh_gram(self)
+        return self
 
     @property
     def n_neurons(self) -> int:
@@ -161,7 +211,7 @@ class ResidualMLP(CCModel):
         w_e = self.w_embed
         a = self.w_in @ w_e[:, None].transpose(-1, -2)  # (K, L, h, n)
         b = w_e[:, None] @ self.w_out  # (K, L, n, h)
-        y = torch.bmm(x, w_e @ w_e.transpose(1, 2))  # W_E W_E^T is symmetric
+        y = torch.bmm(x, self.embed_gram)  # W_E W_E^T is symmetric
         hidden: list[Tensor] = []
         for layer in range(self.n_layers):
             pre = torch.bmm(x, a[:, layer].transpose(1, 2))
@@ -171,6 +221,29 @@ class ResidualMLP(CCModel):
             hidden.append(torch.relu(pre))
             y = y + torch.bmm(hidden[-1], b[:, layer].transpose(1, 2))
         return y
+
+    @property
+    def has_readout_form(self) -> bool:
+        return type(self).forward is ResidualMLP.forward
+
+    def hidden(self, x: Tensor | SparseInput) -> Tensor:
+        """[h_1, ..., h_L] (K, B, L h): h_l = ReLU(A_l x + sum_{j<l} C_lj h_j), as in `forward`."""
+        a = self.w_in @ self.w_embed[:, None].transpose(-1, -2)  # (K, L, h, n)
+        hidden: list[Tensor] = []
+        for layer in range(self.n_layers):
+            pre = times(x, a[:, layer])
+            for j, h_j in enumerate(hidden):
+                pre = pre + torch.bmm(h_j, (self.w_in[:, layer] @ self.w_out[:, j]).transpose(1, 2))
+            hidden.append(torch.relu(pre))
+        return torch.cat(hidden, dim=-1)
+
+    def readout(self) -> tuple[Tensor, None]:
+        """[B_1, ..., B_L] (K, n, L h), B_l = W_E W_out_l."""
+        k, n = self.n_instances, self.n_features
+        return (self.w_embed[:, None] @ self.w_out).permute(0, 2, 1, 3).reshape(k, n, -1), None
+
+    def skip(self) -> Tensor:
+        return self.embed_gram
 
     def forward_direct(self, x: Tensor) -> Tensor:
         """The residual stream as written by Braun et al., in d_embed dimensions."""

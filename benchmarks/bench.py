@@ -1,0 +1,299 @@
+"""`make bench`: cis_lightning against a plain PyTorch loop that does what the paper's code does.
+
+Everything runs in one invocation on the same machine, with the same torch thread count:
+
+- training: steps per second of `cis fit` (through `cis_lightning.main.run`, timed by a callback from
+  step W to step N, so process start-up and the CLI are excluded) against the reference loop (dense
+  `rand < p` mask, dense uniform values, dense matmuls, AdamW, cosine schedule, `loss.item()` each
+  step as the paper's loop does), both on the simplified MLP at p = 0.01, batch 2048, n = 100, d_mlp = 50;
+- the residual model (d_embed = 1000) against the MLP, K = 16 instances against K = 1, K = 82 in one process;
+- evaluation: L / p at p = 0.001 with stderr < 0.5%, stratified and exact (`evaluate`) against the
+  paper's brute force (1e6 non-empty samples in dense batches of 100,000);
+- peak memory (RSS) of a 10,000-step default run, in a child process.
+
+Medians over repeats after a warm-up. Timings live here, never in the test suite.
+
+    python benchmarks/bench.py [--threads T] [--repeats R] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from cis_lightning.evaluation import evaluate
+from cis_lightning.main import run
+from cis_lightning.models import MLP
+from cis_lightning.task import Instance, Task
+
+REPO = Path(__file__).resolve().parents[1]
+N_FEATURES, D_MLP, BATCH, P = 100, 50, 2048, 0.01
+
+
+class StepTimer(pl.Callback):
+    """Wall time at the start of step `first` and at the end of the last step."""
+
+    def __init__(self, first: int = 50):
+        self.first = first
+        self.start: float | None = None
+        self.stop: float | None = None
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.stop = time.perf_counter()
+        self.steps = trainer.global_step - self.first
+
+    def steps_per_second(self) -> float:
+        return self.steps / (self.stop - self.start)
+
+
+class RssProbe(pl.Callback):
+    """Prints the resident set size at a few steps (for the memory run in a child process)."""
+
+    def __init__(self, at: tuple[int, ...] = (1000, 5000, 10000)):
+        self.at = set(at)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.at:
+            print(json.dumps({"step": trainer.global_step, "rss_mb": _rss_mb()}), flush=True)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- the reference: what the paper's code does, written plainly ----------------------------------------
+def reference_steps_per_second(warmup: int, steps: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    w_in = torch.nn.Parameter(torch.empty(N_FEATURES, D_MLP))
+    w_out = torch.nn.Parameter(torch.empty(D_MLP, N_FEATURES))
+    torch.nn.init.kaiming_uniform_(w_in)
+    torch.nn.init.kaiming_uniform_(w_out)
+    optimizer = torch.optim.AdamW([w_in, w_out], lr=3e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + steps)
+    losses = []
+
+    def step() -> None:
+        mask = torch.rand(BATCH, N_FEATURES, generator=generator) < P
+        x = (torch.rand(BATCH, N_FEATURES, generator=generator) * 2 - 1) * mask
+        y = torch.relu(x)
+        optimizer.zero_grad()
+        loss = ((torch.relu(x @ w_in) @ w_out - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def reference_evaluate(model: MLP, p: float, n_nonempty: int = 1_000_000, batch_size: int = 100_000) -> float:
+    """The paper's evaluation: dense batches until about n_nonempty non-empty samples; returns L / p."""
+    generator = torch.Generator().manual_seed(1)
+    w_in, w_out = model.w_in[0].detach().T, model.w_out[0].detach().T  # (n, h), (h, n)
+    n_samples = int(n_nonempty / (1 - (1 - p) ** N_FEATURES))
+    losses = []
+    with torch.no_grad():
+        for _ in range(math.ceil(n_samples / batch_size)):
+            mask = torch.rand(batch_size, N_FEATURES, generator=generator) < p
+            x = (torch.rand(batch_size, N_FEATURES, generator=generator) * 2 - 1) * mask
+            losses.append(((torch.relu(x @ w_in) @ w_out - torch.relu(x)) ** 2).mean().item())
+    return sum(losses) / len(losses) / p
+
+
+# -- cis_lightning --------------------------------------------------------------------------------------
+def cis_steps_per_second(config: str, warmup: int, steps: int, extra: list[str] | None = None) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = run(
+            [
+                "fit",
+                "--config",
+                str(REPO / config),
+                "--trainer.max_steps",
+                str(warmup + steps),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--trainer.logger.init_args.save_dir",
+                tmp,
+                "--data.batch_size",
+                str(BATCH),
+                "--data.feature_probability",
+                str(P),
+                "--trainer.callbacks+=__main__.StepTimer",
+                "--trainer.callbacks.first",
+                str(warmup),
+                *(extra or []),
+            ]
+        )
+        timer = next(c for c in cli.trainer.callbacks if isinstance(c, StepTimer))
+        return timer.steps_per_second()
+
+
+def seeds_grid(k: int) -> list[str]:
+    return ["--data.grid", json.dumps({"seed": list(range(k))})]
+
+
+def median_of(repeats: int, measure) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def memory_run(steps: int) -> tuple[float, list[dict]]:
+    """Peak RSS (MB) of a default `cis fit` of `steps` steps in a child process, and its RSS probes."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(steps), tmp],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    probes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"step"')]
+    return max(peak, before) / 1024, probes
+
+
+def memory_child(steps: int, save_dir: str) -> None:
+    torch.set_num_threads(int(os.environ.get("CIS_BENCH_THREADS", torch.get_num_threads())))
+    run(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/compressed_computation.yaml"),
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            save_dir,
+            "--trainer.callbacks+=__main__.RssProbe",
+            "--trainer.callbacks.at",
+            json.dumps(sorted({steps // 10, steps // 2, steps})),
+        ]
+    )
+
+
+# -- the table -----------------------------------------------------------------------------------------
+def machine() -> str:
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{model}, nproc {os.cpu_count()}, torch {torch.__version__} threads {torch.get_num_threads()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per training measurement")
+    parser.add_argument("--memory-steps", type=int, default=10_000)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps and repeats (a smoke run, not for the README)"
+    )
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["CIS_BENCH_THREADS"] = str(args.threads)
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if args.quick:
+        args.repeats, args.steps, args.memory_steps = 1, 100, 1000
+    w, s, r = args.warmup, args.steps, args.repeats
+    started = time.perf_counter()
+    print(f"machine: {machine()}")
+    print(
+        f"settings: n={N_FEATURES}, d_mlp={D_MLP}, batch {BATCH}, p={P}; warm-up {w} steps, {s} timed, median of {r}\n"
+    )
+
+    # Training: the reference and cis alternate, so that a slow phase of the machine hits both.
+    ref, mlp, residual = [], [], []
+    for _ in range(r):
+        ref.append(reference_steps_per_second(w, s))
+        mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
+        residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
+    ref, mlp, residual = (statistics.median(v) for v in (ref, mlp, residual))
+    k16_steps = max(s // 4, 50)
+    k1 = mlp
+    k16 = median_of(r, lambda: cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+    k82 = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82))
+
+    # Evaluation at p = 0.001 of one (untrained, Kaiming-initialised) MLP.
+    p_eval = 0.001
+    task = Task([Instance(feature_probability=p_eval)], N_FEATURES)
+    model = MLP(N_FEATURES, D_MLP)
+    start = time.perf_counter()
+    brute = reference_evaluate(model, p_eval)
+    brute_seconds = time.perf_counter() - start
+    fast_times, fast = [], None
+    for _ in range(r):
+        start = time.perf_counter()
+        fast = evaluate(model, task, n_nonempty=4000)
+        fast_times.append(time.perf_counter() - start)
+    fast_seconds = statistics.median(fast_times)
+    lpf, err = float(fast.loss_per_feature[0]), float(fast.stderr[0])
+
+    peak_mb, probes = memory_run(args.memory_steps)
+
+    rows = [
+        ("reference loop (paper's code), steps/s", f"{ref:.1f}", ""),
+        ("cis fit MLP, steps/s", f"{mlp:.1f}", ""),
+        ("  ratio cis / reference", f"{mlp / ref:.2f}x", ">= 3x"),
+        ("cis fit residual MLP (d_embed 1000), steps/s", f"{residual:.1f}", ""),
+        ("  residual step time / MLP step time", f"{mlp / residual:.2f}x", "<= 1.5x"),
+        ("cis fit K=16 instance-steps/s", f"{16 * k16:.1f}", ""),
+        ("  K=16 / K=1 instance-steps/s", f"{16 * k16 / k1:.2f}x", ">= 2x"),
+        ("cis fit K=82 in one process, steps/s", f"{k82:.2f}", "runs"),
+        ("eval p=0.001 brute force (1e6 non-empty, dense), s", f"{brute_seconds:.2f}", ""),
+        ("eval p=0.001 stratified + exact, s", f"{fast_seconds:.3f}", ""),
+        ("  speed-up", f"{brute_seconds / fast_seconds:.0f}x", ">= 20x"),
+        ("  L/p stratified +- stderr (relative)", f"{lpf:.5f} +- {err:.5f} ({100 * err / lpf:.3f}%)", "< 0.5%"),
+        ("  L/p brute force", f"{brute:.5f}", ""),
+        (f"peak RSS of a {args.memory_steps}-step default run, MB", f"{peak_mb:.0f}", ""),
+        (
+            "  RSS at steps " + ", ".join(str(p["step"]) for p in probes),
+            ", ".join(f"{p['rss_mb']:.0f}" for p in probes),
+            "flat",
+        ),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'measure':<{width}}  {'value':>28}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>28}  {target}")
+    print(f"\nbench time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The fast paths compute exactly what the direct forms compute, and the training step stays lean.
+
+Speed itself is measured by `make bench`, never here: these tests check behaviour (equal outputs and
+gradients, no host syncs on ordinary steps, no growth of live tensors, a compiled step that trains
+the same weights).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from cis_lightning.evaluation import per_sample_loss
+from cis_lightning.main import run
+from cis_lightning.mixing import Mixing
+from cis_lightning.models import MLP, ResidualMLP
+from cis_lightning.task import Instance, SparseInput, Task
+
+
+def _gradients(loss: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, parameters))
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in float64 with every parameter moved off its init (biases become non-zero)."""
+    model = model.double()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+    return model
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_folded_residual_forward_equals_the_residual_stream_in_outputs_and_gradients(n_layers):
+    model = _perturbed(ResidualMLP(n_features=20, d_embed=64, d_mlp=6, n_layers=n_layers, seeds=[0, 1]))
+    x = torch.randn(2, 33, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(2, 33, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    params = [model.w_in, model.w_out]
+    folded, direct = model(x), model.forward_direct(x)
+    assert torch.allclose(folded, direct, atol=1e-10)
+    # A loss with a random target reaches every weight, both layers included.
+    for a, b in zip(
+        _gradients((folded - target).pow(2).sum(), params),
+        _gradients((direct - target).pow(2).sum(), params),
+        strict=True,
+    ):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_the_fold_uses_the_loaded_embedding():
+    """W_E W_E^T is cached; loading a state dict with another W_E must refresh it."""
+    a = ResidualMLP(n_features=10, d_embed=30, d_mlp=4, seeds=[0])
+    b = ResidualMLP(n_features=10, d_embed=30, d_mlp=4, seeds=[5])
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 8, 10)
+    assert torch.allclose(b(x), a.forward_direct(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_a_sparse_draw_is_exactly_the_dense_sample(rank):
+    task = Task([Instance(seed=3), Instance(feature_probability=0.05, seed=4)], 30)
+    draw = task.draw(96, step=5, rank=rank, world_size=3)
+    assert isinstance(draw, SparseInput)
+    assert torch.equal(draw.dense(), task.sample(96, step=5, rank=rank, world_size=3))
+    assert torch.equal(draw.dense(), task.sample(96, step=5)[:, 32 * rank : 32 * (rank + 1)])
+
+
+NETWORKS = {
+    "mlp": lambda: MLP(n_features=30, d_mlp=8, seeds=[0, 1]),
+    "mlp with biases": lambda: MLP(n_features=30, d_mlp=8, seeds=[0, 1], hidden_bias=True, output_bias=True),
+    "tied mlp": lambda: MLP(n_features=30, d_mlp=8, seeds=[0, 1], tied=True),
+    "residual": lambda: ResidualMLP(n_features=30, d_embed=80, d_mlp=8, seeds=[0, 1]),
+    "residual, 2 layers": lambda: ResidualMLP(n_features=30, d_embed=80, d_mlp=4, n_layers=2, seeds=[0, 1]),
+}
+TASKS = {
+    "clean": lambda one: Task([Instance(feature_probability=0.1), Instance(feature_probability=0.05, seed=1)], 30, one),
+    "learned sigma, symmetric M": lambda one: Task(
+        [
+            Instance(0.1, sigma=0.2, learn_sigma=True, mixing=Mixing("gaussian", symmetric=True)),
+            Instance(0.05, sigma=0.1, learn_sigma=True, mixing=Mixing("low_rank", rank=3), seed=1),
+        ],
+        30,
+        one,
+    ),
+}
+
+
+@pytest.mark.parametrize("one_active", [False, True], ids=["bernoulli", "exactly one active"])
+@pytest.mark.parametrize("task_name", list(TASKS))
+@pytest.mark.parametrize("network_name", list(NETWORKS))
+def test_the_sparse_loss_equals_the_dense_loss_in_value_and_gradients(network_name, task_name, one_active):
+    """The readout form (no dense output, products over active entries only) is the same function."""
+    model = _perturbed(NETWORKS[network_name]())
+    task = TASKS[task_name](one_active).double()
+    sparse = task.draw(200, step=3)
+    sparse.value = sparse.value.double()
+    dense = sparse.dense()
+    params = list(model.parameters()) + ([task.sigma] if task.sigma.requires_grad else [])
+    fast, slow = per_sample_loss(model, task, sparse), per_sample_loss(model, task, dense)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    for a, b in zip(_gradients(fast.sum(), params), _gradients(slow.sum(), params), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+# -- the Lightning training step ------------------------------------------------------------------------
+# Every way a tensor's value reaches Python (on a GPU each one waits for the device).
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+SYNCS = {"count": 0}
+
+
+class SyncCounter(pl.Callback):
+    """Host syncs per training step: from the start of step t to the start of step t + 1 (Lightning
+    writes a logging step's values to the logger after the step's callbacks)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self.logging_steps: set[int] = set()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0:
+            self.per_step[step - 1] = SYNCS["count"]
+        SYNCS["count"] = 0
+        if module._logging_this_step():  # the module's own test for a logging step
+            self.logging_steps.add(step)
+
+
+def _callback(cli, kind: type) -> pl.Callback:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, kind))
+
+
+def test_training_steps_that_do_not_log_make_no_host_sync(monkeypatch, tiny):
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            SYNCS["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    args = [*tiny("configs/mlp_embedding.yaml", steps=40), "--trainer.log_every_n_steps", "10"]
+    cli = run(["fit", *args, "--trainer.callbacks+=tests.test_performance.SyncCounter"])
+    monkeypatch.undo()
+    counter = _callback(cli, SyncCounter)
+    assert cli.trainer.global_step == 40
+    assert len(counter.per_step) == 39  # steps 0 .. 38; step 39 ends the run
+    assert 1 <= len(counter.logging_steps) <= 5  # logging steps do sync (they write numbers)
+    syncing = {step for step, count in counter.per_step.items() if count > 0}
+    assert syncing <= counter.logging_steps, f"steps {sorted(syncing - counter.logging_steps)} synced"
+    assert sum(counter.per_step.get(step, 0) for step in counter.logging_steps) > 0  # the counter does see syncs
+
+
+class LiveTensors(pl.Callback):
+    """The number of tensors that the garbage collector can reach, at chosen steps."""
+
+    def __init__(self, at: list[int]) -> None:
+        self.at, self.counts = set(at), {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.at:
+            gc.collect()
+            self.counts[trainer.global_step] = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_live_tensors_do_not_grow_with_the_number_of_steps(tiny):
+    """Ten logging steps lie between steps 30 and 80: a logged tensor kept alive would add at least ten."""
+    args = [*tiny("configs/mlp_gaussian.yaml", steps=80), "--trainer.log_every_n_steps", "5", "--data.batch_size", "64"]
+    cli = run(
+        ["fit", *args, "--trainer.callbacks+=tests.test_performance.LiveTensors", "--trainer.callbacks.at=[30, 80]"]
+    )
+    probe = _callback(cli, LiveTensors)
+    assert probe.counts[80] - probe.counts[30] < 10, probe.counts
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["network"]
+
+
+def test_a_compiled_training_step_trains_the_same_weights(tmp_path):
+    """`--model.compile true` (torch.compile of the loss) is the same training as the eager step."""
+    weights = []
+    for compile in ("false", "true"):
+        save_dir = tmp_path / compile
+        args = [
+            "fit",
+            "--config",
+            str(Path(__file__).resolve().parents[1] / "configs/mlp_embedding.yaml"),
+            "--model.compile",
+            compile,
+            "--trainer.max_steps",
+            "5",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.limit_val_batches",
+            "0",
+            "--data.batch_size",
+            "128",
+            "--model.network.init_args.d_mlp",
+            "8",
+        ]
+        cli = run(args)
+        weights.append(_weights(Path(cli.trainer.log_dir) / "weights.pt"))
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
