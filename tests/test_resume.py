@@ -81,9 +81,22 @@ def reference(tmp_path_factory) -> dict:
     return {"weights": weights(cli), "curve": curve(run_dir), "run_dir": run_dir}
 
 
-def start_cis(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    log = open(tmp_path / "cis.log", "w")  # noqa: SIM115  (closed by the process's end)
-    return subprocess.Popen([sys.executable, "-m", "cis_lightning", *args], cwd=REPO, stdout=log, stderr=log)
+@pytest.fixture
+def start_cis(tmp_path):
+    """start_cis(args) runs `cis ARGS` in a new process (output: tmp_path/cis.log), killed at teardown if alive."""
+    processes = []
+    with open(tmp_path / "cis.log", "w") as log:
+
+        def start(args: list[str]) -> subprocess.Popen:
+            command = [sys.executable, "-m", "cis_lightning", *args]
+            processes.append(subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log))
+            return processes[-1]
+
+        yield start
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def wait_for_checkpoint(process: subprocess.Popen, path: Path, timeout: float = 600) -> None:
@@ -125,9 +138,9 @@ def test_resuming_from_a_periodic_checkpoint_gives_the_same_weights_and_curve(re
     assert curve(Path(resumed.trainer.log_dir)) == {tag: values for tag, values in tail.items() if values}
 
 
-def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(reference, start_cis, tmp_path):
     save_dir = tmp_path / "runs"
-    process = start_cis(fit_args(save_dir), tmp_path)
+    process = start_cis(fit_args(save_dir))
     last = save_dir / NAME / "version_0" / "checkpoints" / "last.ckpt"
     wait_for_checkpoint(process, last)
     process.send_signal(signal.SIGTERM)
@@ -143,9 +156,9 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(refere
     assert_resumes_exactly(save_dir, reference)
 
 
-def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(reference, tmp_path):
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(reference, start_cis, tmp_path):
     save_dir = tmp_path / "runs"
-    process = start_cis(fit_args(save_dir), tmp_path)
+    process = start_cis(fit_args(save_dir))
     last = save_dir / NAME / "version_0" / "checkpoints" / "last.ckpt"
     wait_for_checkpoint(process, last)
     time.sleep(random.uniform(0, 0.02))  # short: the run must still be training on a fast machine
