@@ -171,7 +171,8 @@ def active_count_probability(task: Task, feature_probability: list[float]) -> Te
     p = torch.tensor(feature_probability, dtype=torch.float64)[:, None]
     k = torch.arange(n + 1, dtype=torch.float64)
     log_choose = torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-    return torch.exp(log_choose + k * torch.log(p) + (n - k) * torch.log1p(-p)).nan_to_num(0.0)
+    # xlogy / xlog1py give 0 log 0 = 0, so p = 1 puts all mass on k = n (0 * log(0) would be NaN).
+    return torch.exp(log_choose + torch.xlogy(k, p) + torch.special.xlog1py(n - k, -p))
 
 
 @torch.no_grad()

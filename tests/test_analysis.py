@@ -26,7 +26,7 @@ from cis_lightning.analysis import (
     total_mixing,
     weight_products,
 )
-from cis_lightning.evaluation import per_sample_loss
+from cis_lightning.evaluation import evaluate, per_sample_loss
 from cis_lightning.mixing import Mixing, embedding_mixing
 from cis_lightning.models import MLP, ResidualMLP
 from cis_lightning.task import Instance, Stream, Task
@@ -281,3 +281,12 @@ def test_every_summary_value_has_one_entry_per_instance(k):
     m = symmetric_gaussian(9, k)
     s = alignment_summary(torch.randn(k, 3, 9), torch.randn(k, 9, 3), m)
     assert all(v.shape == (k,) and torch.isfinite(v).all() for v in s.values())
+
+
+@pytest.mark.parametrize("p", [0.001, 0.3, 1.0])
+def test_the_naive_model_is_at_the_naive_loss_at_every_evaluation_p_including_one(p):
+    # The Figures callback's loss-against-p grid runs from 1e-3 to 1. Unrepresented active features
+    # cost E[ReLU(u)^2] = 1/6 each whatever else is active, so L / p = (n - h) / n / 6 at every p.
+    n, h = 20, 8
+    result = evaluate(naive_mlp(n, h), clean_task(n), n_nonempty=4000, stream=Stream.ANALYSIS, feature_probability=[p])
+    assert torch.allclose(result.loss_per_feature, torch.tensor([(n - h) / n / 6], dtype=torch.float64), rtol=0.05)
