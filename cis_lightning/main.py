@@ -80,13 +80,23 @@ class CISCLI(LightningCLI):
         if path is None or path in ("best", "last", "hpc"):
             return
         self._checkpoint = (path, read_checkpoint(path))
+        layout = _logger_layout(config)
         if subcommand == "fit" and version is not None:
             # Resume in the run's own version directory; TensorBoard drops the events that the
             # interrupted run wrote after this checkpoint, so the curve has each step once.
-            init_args = config.trainer.logger.init_args
+            init_args = layout[0]
             init_args.version = version
             if "purge_step" in init_args:
                 init_args.purge_step = int(self._checkpoint[1].get("global_step", 0))
+        elif subcommand != "fit" and layout is not None:
+            # A resumed fit's config.yaml (which `cis test --ckpt_path RUN/...` reads) names the fit's
+            # own version and a purge step: evaluation must neither write into nor purge that run.
+            init_args, root = layout
+            if "purge_step" in init_args:
+                init_args.purge_step = None
+            version = init_args.get("version")
+            if version is not None and _version_dir(root, version) == Path(path).resolve().parent.parent:
+                init_args.version = None
 
     @staticmethod
     def _last_checkpoint(subcommand: str, config: Namespace) -> tuple[str | None, str | None]:
@@ -94,13 +104,12 @@ class CISCLI(LightningCLI):
 
         None for `fit` when there is none yet, so the same command starts a run and resumes it.
         """
-        logger = config.trainer.get("logger")
-        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if config.get("checkpoint", Namespace()).get("dirpath") or init_args is None or "save_dir" not in init_args:
+        layout = _logger_layout(config)
+        if config.get("checkpoint", Namespace()).get("dirpath") or layout is None:
             return "last", None  # no version layout to search: Lightning looks in the callback's directory
-        root = Path(init_args.save_dir) / (init_args.get("name") or "")
+        init_args, root = layout
         version = init_args.get("version")
-        runs = [root / (version if isinstance(version, str) else f"version_{version}")] if version is not None else []
+        runs = [_version_dir(root, version)] if version is not None else []
         found = [run / "checkpoints" / "last.ckpt" for run in runs or root.glob("version_*")]
         found = [path for path in found if path.is_file()]
         if not found:
@@ -146,6 +155,20 @@ class CISCLI(LightningCLI):
         require(max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
         world, batch = self.trainer.world_size, self.datamodule.batch_size
         require(batch % world == 0, "data.batch_size", f"(global batch) must divide by the {world} ranks, got {batch}")
+
+
+def _logger_layout(config: Namespace) -> tuple[Namespace, Path] | None:
+    """(the logger's init_args, save_dir/name) for a logger with the save_dir/name/version_<n> layout."""
+    logger = config.trainer.get("logger")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init_args is None or init_args.get("save_dir") is None:
+        return None
+    return init_args, Path(init_args.save_dir) / (init_args.get("name") or "")
+
+
+def _version_dir(root: Path, version: int | str) -> Path:
+    """The run directory of `version` (TensorBoardLogger and CSVLogger: an int n is version_<n>)."""
+    return (root / (version if isinstance(version, str) else f"version_{version}")).resolve()
 
 
 def _with_run_config(args: list[str]) -> list[str]:

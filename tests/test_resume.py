@@ -168,6 +168,23 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(reference, star
     assert_resumes_exactly(save_dir, reference)
 
 
+def test_testing_a_resumed_run_leaves_the_run_untouched(reference, tmp_path):
+    # A resumed fit's config.yaml names its own version directory and a TensorBoard purge step;
+    # `cis test --ckpt_path RUN/checkpoints/last.ckpt` reads that config and must still log elsewhere.
+    save_dir = tmp_path / "runs"
+    run([*fit_args(save_dir), "--ckpt_path", str(reference["run_dir"] / "checkpoints" / "epoch=0-step=20.ckpt")])
+    run_dir = save_dir / NAME / "version_0"
+    resumed = run(fit_args(save_dir))  # from its own last.ckpt, at the final step: nothing left to train
+    assert Path(resumed.trainer.log_dir) == run_dir
+    config = (run_dir / "config.yaml").read_text()
+    tested = run(["test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert Path(tested.trainer.log_dir) != run_dir
+    assert (Path(tested.trainer.log_dir) / "results.csv").is_file()
+    assert (run_dir / "config.yaml").read_text() == config
+    tail = {tag: [(s, v) for s, v in values if s >= 20] for tag, values in reference["curve"].items()}
+    assert curve(run_dir) == {tag: values for tag, values in tail.items() if values}
+
+
 def _write_checkpoints_forever(path: Path, ready: int) -> None:
     """Child process: rewrite `path` with checkpoint 1, 2, 3, ... whose every entry equals its number."""
     torch.set_num_threads(1)
