@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean reproduce reproduce-fast
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# Every configs/experiments/*.yaml as one run each (trained models and baselines), then the report:
+# full paper settings -> docs/report-full.md; FAST=1 (or reproduce-fast): short schedules -> docs/report.md.
+# REPRODUCE_FLAGS="--threads 1" helps on a busy machine.
+reproduce: $(STAMP)
+	$(BIN)/python -m cis_lightning.report reproduce $(if $(FAST),--fast) $(REPRODUCE_FLAGS)
+
+reproduce-fast: $(STAMP)
+	$(MAKE) reproduce FAST=1
 
 lint: $(STAMP)
 	$(BIN)/ruff check cis_lightning tests benchmarks

@@ -15,16 +15,18 @@ from typing import Any
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cis_lightning.baselines import SVD, Naive, NaiveOffset, SemiNMF, Zero  # noqa: F401  (baselines by short name)
 from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
 from cis_lightning.datamodule import CCDataModule
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.models import MLP, ResidualMLP  # noqa: F401  (short class names in configs)
 from cis_lightning.module import CCModule, TrainingDiverged
+from cis_lightning.task import grid_size
 
 TRAINER_DEFAULTS = {
     "max_steps": 10_000,
@@ -45,11 +47,26 @@ CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_v
 EXIT_SIGTERM = 143
 
 
+class _Parser(LightningArgumentParser):
+    """Dumps (--print_config, the run's config.yaml) end with a comment giving the grid's size."""
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        text = super().dump(cfg, *args, **kwargs)
+        data = cfg.get("data") if isinstance(cfg, Namespace) else None
+        if not isinstance(data, Namespace) or text.lstrip().startswith("{"):  # JSON has no comments
+            return text
+        grid = data.get("grid")
+        n = grid_size(grid) if isinstance(grid, dict) else 1
+        return text + f"# data.grid expands to K = {n} instance{'s' if n != 1 else ''}\n"
+
+
 class CISCLI(LightningCLI):
     def init_parser(self, **kwargs: Any):
         # Parse errors raise (run() prints them as one line) instead of printing the whole usage.
         kwargs.setdefault("exit_on_error", False)
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        parser.__class__ = _Parser  # LightningCLI builds a LightningArgumentParser; only dump differs
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data module owns the problem's size and the instance list; the network follows it.
@@ -187,7 +204,12 @@ def _with_run_config(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `cis` command on `args` (default: sys.argv[1:])."""
+    """The `cis` command on `args` (default: sys.argv[1:]); `cis report RUN_DIR...` writes the report."""
+    arguments = list(sys.argv[1:] if args is None else args)
+    if arguments[:1] == ["report"]:  # not a Lightning subcommand: handled before LightningCLI
+        from cis_lightning.report import main as report
+
+        return report(arguments[1:])
     run(args)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from cis_lightning.errors import check_sizes, require
 from cis_lightning.mixing import embedding_mixing, random_embedding
 from cis_lightning.task import SparseInput, times
+
+if TYPE_CHECKING:
+    from cis_lightning.task import Task
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], bound: float) -> Tensor:
@@ -37,6 +40,10 @@ class CCModel(nn.Module):
     - effective_weights(): (W_in (K, h, n), W_out (K, n, h)) in feature space
     - effective_mixing(): (K, n, n), the mixing matrix the model itself adds (0 for an MLP)
     - residual: whether the labels include x (a residual stream carries the input to the output)
+    - every parameter has the instance axis first (K, ...): per-instance schedules scale updates along it
+    - fit_to(task): called by the LightningModule's setup once the task (M_k, p_k) is known, before
+      any stage; hand-made baselines (`cis_lightning.baselines`) build their weights there
+    - describe_instance(k): extra results.csv columns for instance k (e.g. a baseline's fitted offset)
     """
 
     residual: ClassVar[bool] = False
@@ -54,6 +61,12 @@ class CCModel(nn.Module):
     def effective_mixing(self) -> Tensor:
         k, n = self.n_instances, self.n_features
         return torch.zeros(k, n, n, device=self.effective_weights()[0].device)
+
+    def fit_to(self, task: Task) -> None:
+        """Adapt to the task before any stage; trained models need nothing."""
+
+    def describe_instance(self, k: int) -> dict[str, float]:
+        return {}
 
     @property
     def homogeneous(self) -> bool:

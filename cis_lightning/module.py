@@ -14,9 +14,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from cis_lightning.errors import ConfigError, require
-from cis_lightning.evaluation import LossPerFeature, evaluation_probability, naive_loss_per_feature, per_sample_loss
+from cis_lightning.evaluation import (
+    LossPerFeature,
+    evaluate,
+    evaluation_probability,
+    naive_loss_per_feature,
+    per_sample_loss,
+)
+from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
-from cis_lightning.task import Task
+from cis_lightning.task import Task, nonempty_steps
 
 _NEVER = torch.iinfo(torch.int64).max
 
@@ -44,11 +51,35 @@ class CCModule(pl.LightningModule):
     The loss is the sum over instances of each instance's mean squared error, so every instance
     gets exactly the gradient it would get alone.
 
+    `equal_nonempty_samples`: the paper trains a model at sparsity p for base / q steps,
+    q = 1 - (1 - p)^n, so that every p sees the same number of non-empty samples. With instances of
+    different p in one run, instance k trains for T_k = max_steps * q_min / q_k steps
+    (`task.nonempty_steps`) with its own cosine schedule lr_k(t) = lr (1 + cos(pi t / T_k)) / 2 and
+    is frozen from step T_k on (learning rate 0: AdamW then leaves it exactly unchanged, weight
+    decay included). The sparsest instance runs the whole max_steps; instance k is the same model
+    as a one-instance run with max_steps = T_k. Frozen instances still cost compute.
+
+    `init_from`: a checkpoint (Lightning .ckpt or weights.pt) whose network weights initialise this
+    network before any stage (a resumed or tested checkpoint still overrides them); for fine-tuning
+    a trained model on other data (the paper's transplant experiment).
+
+    `test_feature_probabilities`: `cis test` also evaluates every instance at each of these p (the
+    paper's L / p against evaluation p) and writes results_by_p.csv (rank zero, pure `evaluate`).
+
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
     """
 
-    def __init__(self, network: CCModel, lr: float = 3e-3, weight_decay: float = 1e-2, compile: bool = False):
+    def __init__(
+        self,
+        network: CCModel,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-2,
+        equal_nonempty_samples: bool = False,
+        init_from: str | None = None,
+        test_feature_probabilities: list[float] | None = None,
+        compile: bool = False,
+    ):
         super().__init__()
         require(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "model.lr", f"must be a number > 0, got {lr!r}")
         require(
@@ -59,6 +90,11 @@ class CCModule(pl.LightningModule):
         self.network = network
         self.lr = lr
         self.weight_decay = weight_decay
+        self.equal_nonempty_samples = equal_nonempty_samples
+        self.init_from = init_from
+        for q in test_feature_probabilities or []:
+            require(0 < q <= 1, "model.test_feature_probabilities", f"every p must be in (0, 1], got {q}")
+        self.test_feature_probabilities = list(test_feature_probabilities or [])
         self.task: Task | None = None
         self._eval_metric: LossPerFeature | None = None
         # compile: the training loss (forward and backward) through torch.compile, compiled on the
@@ -79,6 +115,17 @@ class CCModule(pl.LightningModule):
             f"has {self.network.n_instances} instances of {self.network.n_features} features, the data "
             f"{self.task.n_instances} of {self.task.n_features}",
         )
+        if stage == "fit":
+            require(
+                any(p.requires_grad for p in self.network.parameters()),
+                "model.network",
+                f"{type(self.network).__name__} has no trainable parameters (a hand-made baseline): evaluate it "
+                "with `cis test --config ...`, no fit needed",
+            )
+        if self.init_from:
+            self.network.load_state_dict(_network_weights(self.init_from))
+        # Hand-made baselines build their weights from the task (M, p) here; trained models ignore it.
+        self.network.fit_to(self.task)
 
     # -- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -91,6 +138,30 @@ class CCModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def instance_steps(self) -> list[int]:
+        """T_k, the steps instance k trains for: max_steps, or `nonempty_steps` when equal_nonempty_samples."""
+        max_steps = self.trainer.max_steps
+        if not self.equal_nonempty_samples or self.task.exactly_one_active:
+            return [max_steps] * self.task.n_instances
+        return nonempty_steps(max_steps, [i.feature_probability for i in self.task.instances], self.task.n_features)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        steps = self.instance_steps()
+        if len(set(steps)) == 1:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # AdamW's update is linear in the learning rate (decay and step both scale with it), so
+        # scaling instance k's update by lr_k(t) / lr(t) is AdamW with instance k's own schedule.
+        t = self.global_step
+        shared = optimizer.param_groups[0]["lr"] / self.lr  # the shared cosine at step t, > 0 for t < max_steps
+        own = [(1 + math.cos(math.pi * t / t_k)) / 2 if t < t_k else 0.0 for t_k in steps]
+        factor = torch.tensor(own, device=self.device) / shared
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):  # every parameter has the instance axis first
+                p.copy_(torch.lerp(old, p, factor.view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         losses = self._training_loss(self.network, self.task, x).mean(dim=1)  # (K,)
@@ -198,9 +269,31 @@ class CCModule(pl.LightningModule):
         lpf, stderr = self._finish_eval("test")
         directory = self._output_directory()  # on every rank: trainer.log_dir is a collective under DDP
         self._write_results(self.result_rows(lpf, stderr), directory)
+        if self.test_feature_probabilities:
+            self._write_results_by_p(directory)
 
     def _output_directory(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write_results_by_p(self, directory: Path) -> None:
+        """One row per (instance, evaluation p): L / p of the trained instance at another sparsity."""
+        datamodule, rows = self.trainer.datamodule, []
+        for q in self.test_feature_probabilities:
+            result = evaluate(
+                self.network,
+                self.task,
+                datamodule.eval_nonempty_samples,
+                datamodule.eval_batch_size,
+                feature_probability=[q] * self.task.n_instances,
+            )
+            for k, instance in enumerate(self.task.instances):
+                row = {"instance": k, "model": type(self.network).__name__, "mixing": self._mixing_label(instance)}
+                row |= {"p": instance.feature_probability, "eval_p": q, "sigma": float(self.task.sigma_value()[k])}
+                lpf, err = float(result.loss_per_feature[k]), float(result.stderr[k])
+                row |= {"loss_per_feature": lpf, "loss_per_feature_stderr": err}
+                rows.append(row | self.network.describe_instance(k))
+        _write_csv(directory / "results_by_p.csv", rows)
 
     def predict_step(self, x: Tensor, batch_idx: int) -> Tensor:
         return self.network(x)
@@ -221,6 +314,8 @@ class CCModule(pl.LightningModule):
                 "naive_loss_per_feature": self.naive_loss_per_feature,
             }
             extra = {key: value for key, value in instance.flat().items() if key not in row}
+            extra.update(self.network.describe_instance(k))
+            extra["mixing_effective_rank"] = float(effective_rank(self.task.mixing[k]))
             extra.update(exactly_one_active=self.task.exactly_one_active, configured_sigma=instance.sigma)
             rows.append(row | extra)
         return rows
@@ -233,12 +328,7 @@ class CCModule(pl.LightningModule):
 
     @rank_zero_only
     def _write_results(self, rows: list[dict], directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        _write_atomically(directory / "results.csv", text.getvalue())
+        _write_csv(directory / "results.csv", rows)
         print(format_results(rows))
         print(f"results: {directory / 'results.csv'}")
 
@@ -251,6 +341,29 @@ class CCModule(pl.LightningModule):
             tmp = path.with_suffix(".pt.tmp")
             torch.save(state, tmp)
             os.replace(tmp, path)
+
+
+def _network_weights(path: str) -> dict[str, Tensor]:
+    """The network's state dict from a Lightning checkpoint or a run's weights.pt, read as data only."""
+    require(Path(path).is_file(), "model.init_from", f"no such checkpoint file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: one message, no traceback
+        raise ConfigError("model.init_from", f"cannot read {path}: {error}") from None
+    if "state_dict" in state:
+        return {k.removeprefix("network."): v for k, v in state["state_dict"].items() if k.startswith("network.")}
+    require("network" in state, "model.init_from", f"{path} is neither a Lightning checkpoint nor a weights.pt")
+    return state["network"]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """rows (same keys) as a CSV file with a header, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomically(path, text.getvalue())
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -85,19 +85,29 @@ def expand_grid(base: Instance, grid: Mapping[str, Sequence[Any]] | None) -> lis
     """The cartesian product of `grid`'s values applied to `base`, last key varying fastest.
 
     Keys are Instance fields or 'mixing.<option>', e.g. {"sigma": [0, 0.01], "mixing.symmetric": [True, False]}.
+    The key 'cases' takes a list of such settings that go together, one grid value each, for sets that are
+    no product: {"cases": [{"mixing.kind": "none"}, {"mixing.kind": "gaussian", "sigma": 0.03}]}.
     """
     if not grid:
         return [base]
     for key, values in grid.items():
-        require(key in GRID_KEYS, f"data.grid.{key}", f"unknown grid key; allowed: {', '.join(GRID_KEYS)}")
+        allowed = ", ".join(GRID_KEYS + ("cases",))
+        require(key in GRID_KEYS + ("cases",), f"data.grid.{key}", f"unknown grid key; allowed: {allowed}")
         require(
             isinstance(values, Sequence) and not isinstance(values, str) and len(values) > 0,
             f"data.grid.{key}",
             f"must be a non-empty list of values, got {values!r}",
         )
+    for i, case in enumerate(grid.get("cases", [])):
+        field = f"data.grid.cases[{i}]"
+        require(isinstance(case, Mapping), field, f"must be a mapping of grid keys to values, got {case!r}")
+        for key in case:
+            require(key in GRID_KEYS, f"{field}.{key}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
     instances = []
     for combination in itertools.product(*grid.values()):
-        changes = dict(zip(grid, combination))
+        changes: dict[str, Any] = {}
+        for key, value in zip(grid, combination, strict=True):
+            changes.update(value if key == "cases" else {key: value})
         mixing_changes = {k.removeprefix("mixing."): v for k, v in changes.items() if k.startswith("mixing.")}
         top_changes = {k: v for k, v in changes.items() if not k.startswith("mixing.")}
         mixing = dataclasses.replace(base.mixing, **mixing_changes)
@@ -109,6 +119,21 @@ def nonempty_probability(feature_probability: Tensor | float, n_features: int) -
     """P(at least one of n features is active) = 1 - (1 - p)^n."""
     p = torch.as_tensor(feature_probability, dtype=torch.float64)
     return -torch.expm1(n_features * torch.log1p(-p))
+
+
+def grid_size(grid: Mapping[str, Sequence[Any]] | None) -> int:
+    """How many instances `expand_grid` makes of `grid`: the product of its list lengths."""
+    return math.prod(len(values) for values in grid.values()) if grid else 1
+
+
+def nonempty_steps(max_steps: int, feature_probability: Sequence[float], n_features: int) -> list[int]:
+    """Steps T_k per instance so that all see as many non-empty samples as the sparsest in max_steps.
+
+    T_k = round(max_steps * q_min / q_k), q = 1 - (1 - p)^n: the paper trains each p for
+    base / q steps, so T_k / T_j = q_j / q_k, and the sparsest instance runs the whole run.
+    """
+    q = nonempty_probability(torch.tensor(list(feature_probability), dtype=torch.float64), n_features)
+    return [max(1, min(max_steps, round(max_steps * float(q.min() / q_k)))) for q_k in q]
 
 
 class Task(nn.Module):

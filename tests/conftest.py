@@ -37,3 +37,15 @@ def tiny_args(save_dir: Path, config: str = "configs/mlp_gaussian.yaml", steps: 
 def tiny(tmp_path: Path):
     """tiny(config, steps) -> argument list writing under this test's tmp_path."""
     return lambda config="configs/mlp_gaussian.yaml", steps=20: tiny_args(tmp_path / "runs", config, steps)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on a shared 2-core machine torch's thread pool spins against other
+    processes, and these tiny matmuls gain nothing from threads (measured 8x slower with 2 threads under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

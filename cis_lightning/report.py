@@ -1,0 +1,649 @@
+"""`cis report` and `make reproduce`: the paper's experiments side by side in one Markdown page.
+
+    cis report RUN_DIR... [--output docs/report.md]     collect results.csv files into a report
+    python -m cis_lightning.report reproduce [--fast]   run every configs/experiments/*.yaml, then report
+
+A run directory is found by its results.csv (written by `cis test`); its config.yaml says which
+experiment it belongs to (the logger's name) and which model it tested, and the fit directory of
+its checkpoint holds weights.pt for the weight analyses. Every claim of the paper ("What the paper
+finds") gets a verdict computed from the measured numbers and their standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from cis_lightning.evaluation import naive_loss_per_feature
+
+EXPERIMENTS = (
+    "sigma_sweep",
+    "sparsity_regimes",
+    "mixing_comparison",
+    "eigen_alignment",
+    "offset_baseline",
+    "semi_nmf",
+    "rank_study",
+    "transplant",
+)
+CONFIGS = Path("configs/experiments")
+NAIVE = naive_loss_per_feature(100, 50)
+
+
+# -- reading runs ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """One `cis test` directory: its rows, which experiment and model, and the fit's weights if any."""
+
+    directory: Path
+    experiment: str
+    model: str
+    rows: list[dict]
+    rows_by_p: list[dict]
+    weights: Path | None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            with contextlib.suppress(TypeError, ValueError):
+                row[key] = float(value)
+    return rows
+
+
+def find_runs(directories: list[Path]) -> list[Run]:
+    """Every results.csv under the given directories, with its experiment name and fit weights."""
+    runs = []
+    for results in sorted(p for d in directories for p in Path(d).rglob("results.csv")):
+        directory = results.parent
+        config = (
+            yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").is_file() else {}
+        )
+        logger = (config.get("trainer") or {}).get("logger") or {}
+        experiment = (logger.get("init_args") or {}).get("name") or directory.parent.name
+        rows = _read_csv(results)
+        ckpt = config.get("ckpt_path")
+        weights = Path(ckpt).parent.parent / "weights.pt" if ckpt else None
+        model = str(rows[0]["model"]) if rows else "?"
+        runs.append(Run(directory, experiment, model, rows, _read_csv(directory / "results_by_p.csv"), weights))
+    return runs
+
+
+# -- figures --------------------------------------------------------------------------------------
+def _figure(width: float = 5.0, height: float = 3.4, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), dpi=80, constrained_layout=True)
+    return fig, axes
+
+
+def _png(figures: Path, name: str) -> Path:
+    """The PNG `name` of the report `figures` (its path without .md): report.md -> report_<name>.png."""
+    return figures.parent / f"{figures.name}_{name}.png"
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _naive_line(ax) -> None:
+    ax.axhline(NAIVE, color="grey", linestyle="--", linewidth=1, label="naive")
+
+
+def _errorbar(ax, rows: list[dict], x: str, label: str, **style) -> None:
+    rows = sorted(rows, key=lambda r: r[x])
+    ax.errorbar(
+        [r[x] for r in rows],
+        [r["loss_per_feature"] for r in rows],
+        yerr=[r["loss_per_feature_stderr"] for r in rows],
+        label=label,
+        capsize=2,
+        **style,
+    )
+
+
+# -- the report -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Section:
+    title: str
+    lines: list[str]
+    claims: list[tuple[str, bool, str]]  # (claim, supported, numbers)
+
+
+def _table(rows: list[dict], columns: list[str]) -> list[str]:
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def _lpf(row: dict) -> str:
+    return f"{row['loss_per_feature']:.4f} ± {row['loss_per_feature_stderr']:.4f}"
+
+
+def _below(a: dict, b: float | dict, sigmas: float = 2.0) -> bool:
+    """a's L/p is below b (a number or another row) by more than `sigmas` combined standard errors."""
+    b_value, b_err = (b, 0.0) if isinstance(b, float) else (b["loss_per_feature"], b["loss_per_feature_stderr"])
+    return a["loss_per_feature"] + sigmas * math.hypot(a["loss_per_feature_stderr"], b_err) < b_value
+
+
+def sigma_sweep(runs: list[Run], figures: Path) -> Section:
+    rows = [r for run in runs if run.model == "MLP" for r in run.rows]
+    lines, claims = [], []
+    fig, ax = _figure()
+    for symmetric, label in ((True, "symmetric M"), (False, "asymmetric M")):
+        subset = [r for r in rows if str(r.get("mixing.symmetric")) == str(symmetric)]
+        if subset:
+            _errorbar(ax, subset, "configured_sigma", label, marker=".")
+    _naive_line(ax)
+    ax.set(xlabel="sigma", ylabel="L / p", title="Loss per feature against sigma (p = 0.01)")
+    ax.legend()
+    lines.append(f"![L/p against sigma]({_save(fig, _png(figures, 'sigma_sweep'))})")
+    best = {}
+    for symmetric in (True, False):
+        subset = sorted(
+            (r for r in rows if str(r.get("mixing.symmetric")) == str(symmetric)), key=lambda r: r["configured_sigma"]
+        )
+        if not subset:
+            continue
+        low = min(subset, key=lambda r: r["loss_per_feature"])
+        best[symmetric] = low
+        lines.append(
+            f"- {'symmetric' if symmetric else 'asymmetric'} M: L/p = {_lpf(subset[0])} at sigma = 0, minimum "
+            f"{_lpf(low)} at sigma = {low['configured_sigma']:.3f}, {_lpf(subset[-1])} at sigma = "
+            f"{subset[-1]['configured_sigma']:.3f}"
+        )
+    if True in best:
+        sym = sorted((r for r in rows if str(r.get("mixing.symmetric")) == "True"), key=lambda r: r["configured_sigma"])
+        low = best[True]
+        shape = _below(low, sym[0]) and _below(low, sym[-1])
+        claims.append(
+            (
+                "The advantage grows with sigma up to an optimum and then shrinks",
+                shape,
+                f"symmetric: {_lpf(sym[0])} (sigma 0) > {_lpf(low)} (sigma {low['configured_sigma']:.3f}) "
+                f"< {_lpf(sym[-1])} (sigma {sym[-1]['configured_sigma']:.3f})",
+            )
+        )
+    if True in best and False in best:
+        claims.append(
+            (
+                "Asymmetric noise helps less than symmetric",
+                _below(best[True], best[False]),
+                f"best L/p symmetric {_lpf(best[True])} vs asymmetric {_lpf(best[False])}",
+            )
+        )
+    return Section("Sigma sweep (`sigma_sweep.yaml`)", lines, claims)
+
+
+def _participation(weights: Path | None) -> list[float]:
+    """Mean over neurons of the participation ratio of |W_in| rows: ~1 when a neuron reads one feature."""
+    if weights is None or not weights.is_file():
+        return []
+    w_in = torch.load(weights, map_location="cpu", weights_only=True)["network"]["w_in"].double()
+    w2 = w_in.pow(2)
+    ratio = w2.sum(-1).pow(2) / w2.pow(2).sum(-1).clamp_min(1e-30)  # (K, h)
+    return ratio.mean(-1).tolist()
+
+
+def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
+    run = next((r for r in runs if r.model == "MLP"), None)
+    lines, claims = [], []
+    if run is None:
+        return Section("Sparsity regimes (`sparsity_regimes.yaml`)", ["(no run)"], [])
+    fig, ax = _figure(6, 3.8)
+    by_train = defaultdict(list)
+    for row in run.rows_by_p:
+        by_train[row["p"]].append(row)
+    for i, (p, rows) in enumerate(sorted(by_train.items())):
+        color = f"C{i % 10}"
+        _errorbar(ax, rows, "eval_p", f"p_train {p:g}", color=color, linewidth=1)
+        own = [r for r in run.rows if r["p"] == p]
+        if own:
+            ax.plot([p], [own[0]["loss_per_feature"]], "o", color=color)
+    _naive_line(ax)
+    ax.set(xscale="log", xlabel="evaluation p", ylabel="L / p", title="L/p against evaluation p, per training p")
+    ax.set_ylim(0, 0.2)
+    ax.legend(fontsize=6, ncol=2)
+    lines.append(f"![L/p against evaluation p]({_save(fig, _png(figures, 'sparsity_regimes'))})")
+    spread = _participation(run.weights)
+    rows = sorted(run.rows, key=lambda r: r["p"])
+    for row, pr in zip(
+        rows if spread else [], [spread[int(r["instance"])] for r in rows] if spread else [], strict=True
+    ):
+        row["features_per_neuron"] = pr
+    lines += _table(
+        rows,
+        ["p", "loss_per_feature", "loss_per_feature_stderr", "naive_loss_per_feature"]
+        + (["features_per_neuron"] if spread else []),
+    )
+    lines.append("")
+    lines.append(
+        "features_per_neuron: participation ratio (sum w^2)^2 / sum w^4 of each neuron's input weights, "
+        "averaged; 1 = one feature per neuron."
+    )
+    sparse, dense = rows[0], rows[-1]
+    claims.append(
+        (
+            "Trained at small p with a symmetric M, the model beats the naive loss; trained dense, it loses to it",
+            _below(sparse, NAIVE) and _below({"loss_per_feature": NAIVE, "loss_per_feature_stderr": 0.0}, dense),
+            f"p = {sparse['p']:g}: {_lpf(sparse)}; p = {dense['p']:g}: {_lpf(dense)}; naive {NAIVE:.4f}",
+        )
+    )
+    if spread:
+        claims.append(
+            (
+                "Sparse-trained models spread every feature over many neurons; dense-trained ones use about one "
+                "feature per neuron",
+                sparse["features_per_neuron"] > 2 * dense["features_per_neuron"],
+                f"features per neuron: {sparse['features_per_neuron']:.1f} at p = {sparse['p']:g}, "
+                f"{dense['features_per_neuron']:.1f} at p = {dense['p']:g}",
+            )
+        )
+    return Section("Sparsity regimes (`sparsity_regimes.yaml`)", lines, claims)
+
+
+def mixing_comparison(runs: list[Run], figures: Path) -> Section:
+    run = next((r for r in runs if r.model == "MLP"), None)
+    if run is None:
+        return Section("Mixing matrices (`mixing_comparison.yaml`)", ["(no run)"], [])
+    lines = _table(
+        run.rows, ["mixing", "sigma", "configured_sigma", "p", "loss_per_feature", "loss_per_feature_stderr"]
+    )
+    lines.append("")
+    lines.append("sigma is the learned value (configured_sigma its start).")
+    if run.rows_by_p:
+        fig, ax = _figure()
+        for mixing in dict.fromkeys(r["mixing"] for r in run.rows_by_p):
+            _errorbar(ax, [r for r in run.rows_by_p if r["mixing"] == mixing], "eval_p", mixing, marker=".")
+        _naive_line(ax)
+        ax.set(xscale="log", xlabel="evaluation p", ylabel="L / p", title="Trained at p = 0.01, by mixing matrix")
+        ax.legend(fontsize=7)
+        lines.append(f"![L/p by mixing]({_save(fig, _png(figures, 'mixing_comparison'))})")
+    by = {r["mixing"]: r for r in run.rows}
+    claims = []
+    if "none" in by and "embedding" in by:
+        clean, embed = by["none"], by["embedding"]
+        claims.append(
+            (
+                "With M = 0 the trained model is no better than naive at small p; with the embedding-like M it "
+                "beats naive",
+                not _below(clean, NAIVE) and _below(embed, NAIVE),
+                f"p = 0.01: clean {_lpf(clean)}, embedding-like {_lpf(embed)}, naive {NAIVE:.4f}",
+            )
+        )
+    if "gaussian(sym)" in by and "gaussian" in by:
+        claims.append(
+            (
+                "Asymmetric noise helps less than symmetric (learned sigma)",
+                _below(by["gaussian(sym)"], by["gaussian"]),
+                f"symmetric {_lpf(by['gaussian(sym)'])} vs asymmetric {_lpf(by['gaussian'])}",
+            )
+        )
+    return Section("Mixing matrices (`mixing_comparison.yaml`)", lines, claims)
+
+
+def eigen_alignment(runs: list[Run], figures: Path) -> Section:
+    from cis_lightning.analysis import eigen_alignment as alignment
+
+    run = next((r for r in runs if r.model == "MLP" and r.weights is not None and r.weights.is_file()), None)
+    if run is None:
+        return Section("Eigen-subspace alignment (`eigen_alignment.yaml`)", ["(no run)"], [])
+    state = torch.load(run.weights, map_location="cpu", weights_only=True)
+    w_in, w_out = state["network"]["w_in"], state["network"]["w_out"]
+    sigma = state["task"]["sigma"].abs()
+    cos = alignment(w_in, w_out, sigma[:, None, None] * state["task"]["mixing"])[0]
+    h = w_in.shape[1]
+    top, rest = cos[:h].mean().item(), cos[h:].mean().item()
+    fig, ax = _figure()
+    ax.plot(range(len(cos)), cos.tolist(), ".")
+    ax.axvline(h - 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(
+        xlabel="eigenvector index i (descending eigenvalue)",
+        ylabel="cos(E_i, W_out W_in E_i)",
+        title="Eigen-subspace alignment",
+    )
+    lines = [f"![alignment]({_save(fig, _png(figures, 'eigen_alignment'))})", ""]
+    lines += _table(run.rows, ["mixing", "sigma", "p", "loss_per_feature", "loss_per_feature_stderr"])
+    claims = [
+        (
+            "W_out W_in captures the top ~d_mlp eigenvectors of the symmetric part of M and ignores the rest",
+            top > rest + 0.3,
+            f"mean cos over i < {h}: {top:.3f}; over i >= {h}: {rest:.3f}",
+        )
+    ]
+    return Section("Eigen-subspace alignment (`eigen_alignment.yaml`)", lines, claims)
+
+
+def offset_baseline(runs: list[Run], figures: Path) -> Section:
+    offset = next((r for r in runs if r.model == "NaiveOffset"), None)
+    trained = next((r for r in runs if r.model == "MLP"), None)
+    lines, claims = [], []
+    if offset is None:
+        return Section("Naive + offset (`offset_baseline.yaml`)", ["(no run)"], [])
+    rows = sorted(offset.rows, key=lambda r: r["p"])
+    if trained:
+        by_p = {r["p"]: r for r in trained.rows}
+        for row in rows:
+            if row["p"] in by_p:
+                row["trained_loss_per_feature"] = by_p[row["p"]]["loss_per_feature"]
+    lines += _table(rows, ["p", "offset", "loss_per_feature", "loss_per_feature_stderr", "trained_loss_per_feature"])
+    fig, ax = _figure(6, 3.8)
+    for i, p in enumerate(sorted({r["p"] for r in offset.rows_by_p})):
+        for run, style, label in ((offset, "--", "offset"), (trained, "-", "trained")):
+            if run is not None:
+                _errorbar(
+                    ax,
+                    [r for r in run.rows_by_p if r["p"] == p],
+                    "eval_p",
+                    f"{label}, p {p:g}",
+                    color=f"C{i}",
+                    linestyle=style,
+                )
+    _naive_line(ax)
+    ax.set(
+        xscale="log", xlabel="evaluation p", ylabel="L / p", title="Clean labels: naive + offset (dashed) vs trained"
+    )
+    ax.set_ylim(0, 0.12)
+    ax.legend(fontsize=6, ncol=2)
+    lines.append(f"![offset]({_save(fig, _png(figures, 'offset_baseline'))})")
+    dense, sparse = rows[-1], rows[0]
+    claims.append(
+        (
+            "Dense-trained models add a small offset for the unrepresented features: the best offset is "
+            "positive at p = 1 "
+            "and zero at small p, and naive + offset is close to the trained model",
+            dense["offset"] > 0 and sparse["offset"] == 0,
+            f"best offset {dense['offset']:.4f} at p = {dense['p']:g} (L/p {_lpf(dense)}"
+            + (f", trained {dense.get('trained_loss_per_feature', float('nan')):.4f}" if trained else "")
+            + f"), {sparse['offset']:.4f} at p = {sparse['p']:g}",
+        )
+    )
+    if trained:
+        small = [r for r in trained.rows if r["p"] <= 0.01]
+        claims.append(
+            (
+                "With M = 0 the trained model is no better than naive at small p",
+                all(not _below(r, NAIVE) for r in small),
+                "; ".join(f"p = {r['p']:g}: {_lpf(r)}" for r in small) + f" (naive {NAIVE:.4f})",
+            )
+        )
+    return Section("Naive + offset (`offset_baseline.yaml`)", lines, claims)
+
+
+def semi_nmf(runs: list[Run], figures: Path) -> Section:
+    lines, claims = [], []
+    fig, ax = _figure()
+    by_model = {run.model: run for run in runs}
+    for model, run in by_model.items():
+        _errorbar(ax, run.rows, "configured_sigma", model, marker=".")
+    _naive_line(ax)
+    ax.set(xlabel="sigma", ylabel="L / p", title="Exactly one active feature: baselines vs trained")
+    ax.legend(fontsize=7)
+    lines.append(f"![semi-NMF]({_save(fig, _png(figures, 'semi_nmf'))})")
+    table = []
+    for model, run in by_model.items():
+        for row in run.rows:
+            table.append(
+                {
+                    "model": model,
+                    "sigma": row["configured_sigma"],
+                    "L/p": _lpf(row),
+                    "reconstruction_error": row.get("reconstruction_error", ""),
+                }
+            )
+    lines += _table(
+        sorted(table, key=lambda r: (r["sigma"], r["model"])), ["model", "sigma", "L/p", "reconstruction_error"]
+    )
+    nmf, mlp = by_model.get("SemiNMF"), by_model.get("MLP")
+    if nmf:
+        small = [r for r in nmf.rows if 0 < r["configured_sigma"] <= 0.02]
+        claim = all(_below(r, NAIVE) for r in small)
+        numbers = "; ".join(f"sigma {r['configured_sigma']:g}: {_lpf(r)}" for r in small)
+        if mlp:
+            trained = {r["configured_sigma"]: r for r in mlp.rows}
+            claim = claim and all(
+                _below(trained[r["configured_sigma"]], r) for r in small if r["configured_sigma"] in trained
+            )
+            numbers += "; trained: " + "; ".join(
+                f"sigma {s:g}: {_lpf(t)}" for s, t in sorted(trained.items()) if 0 < s <= 0.02
+            )
+        claims.append(("The semi-NMF baseline beats naive for small sigma but not the trained model", claim, numbers))
+    return Section("Semi-NMF baseline (`semi_nmf.yaml`)", lines, claims)
+
+
+def rank_study(runs: list[Run], figures: Path) -> Section:
+    run = next((r for r in runs if r.model == "MLP"), None)
+    if run is None:
+        return Section("Rank study (`rank_study.yaml`)", ["(no run)"], [])
+    rows = sorted(run.rows, key=lambda r: r["mixing_effective_rank"])
+    fig, axes = _figure(4.2, 3.2, ncols=2)
+    _errorbar(axes[0], rows, "mixing_effective_rank", "trained", marker="o")
+    _naive_line(axes[0])
+    axes[0].set(xlabel="effective rank of M", ylabel="L / p", title="Loss")
+    axes[1].plot([r["mixing_effective_rank"] for r in rows], [r["sigma"] for r in rows], "o-")
+    axes[1].set(xlabel="effective rank of M", ylabel="learned sigma", title="Learned sigma")
+    lines = [f"![rank study]({_save(fig, _png(figures, 'rank_study'))})", ""]
+    lines += _table(rows, ["mixing", "mixing_effective_rank", "sigma", "loss_per_feature", "loss_per_feature_stderr"])
+    return Section("Rank study (`rank_study.yaml`)", lines, [])
+
+
+def transplant(runs: list[Run], figures: Path) -> Section:
+    lines = []
+    for run in runs:
+        lines.append(f"**{run.experiment}** ({run.directory.name}):")
+        lines.append("")
+        lines += _table(run.rows, ["instance", "mixing", "sigma", "loss_per_feature", "loss_per_feature_stderr"])
+        lines.append("")
+    lines.append(
+        "transplant: instance 0 trained on noisy labels, instance 1 on clean ones. "
+        "transplant_swapped: the same weights "
+        "evaluated on the other labels (instance 0 on clean, 1 on noisy). transplant_finetune: after fine-tuning there."
+    )
+    return Section("Transplant (`transplant.yaml`)", lines, [])
+
+
+SECTIONS = {
+    "sigma_sweep": sigma_sweep,
+    "sparsity_regimes": sparsity_regimes,
+    "mixing_comparison": mixing_comparison,
+    "eigen_alignment": eigen_alignment,
+    "offset_baseline": offset_baseline,
+    "semi_nmf": semi_nmf,
+    "rank_study": rank_study,
+    "transplant": transplant,
+}
+
+
+def _timing(directories: list[Path]) -> str:
+    """What `reproduce` recorded in ROOT/reproduce.json: the command, its settings and wall time."""
+    notes = []
+    for directory in directories:
+        path = Path(directory) / "reproduce.json"
+        if path.is_file():
+            info = json.loads(path.read_text())
+            timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
+            notes.append(
+                f"Produced by `{info['command']}` ({'fast schedules' if info['fast'] else 'full paper settings'}) "
+                f"in {info['total_seconds'] / 60:.1f} minutes on {info['threads']} CPU thread(s): {timing}."
+            )
+    return "\n\n".join(notes)
+
+
+def write_report(directories: list[Path], output: Path, preamble: str = "") -> Path:
+    """Collect every results.csv under `directories` into `output` (Markdown) and PNGs beside it."""
+    preamble = preamble or _timing(directories)
+    runs = find_runs(directories)
+    groups = defaultdict(list)
+    for run in runs:
+        groups["transplant" if run.experiment.startswith("transplant") else run.experiment].append(run)
+    figures = output.parent / output.stem
+    sections = [SECTIONS[name](groups[name], figures) for name in SECTIONS if groups.get(name)]
+    unknown = sorted(set(groups) - set(SECTIONS))
+    lines = ["# Reproducing Bhagat et al. (2026): measured results", ""]
+    if preamble:
+        lines += [preamble, ""]
+    claims = [(claim, ok, numbers, s.title) for s in sections for claim, ok, numbers in s.claims]
+    if claims:
+        lines += [
+            "## The paper's claims",
+            "",
+            "| claim | reproduced here | numbers (L/p ± stderr) | from |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} | {t} |" for c, ok, n, t in claims]
+        lines.append("")
+    for section in sections:
+        lines += [f"## {section.title}", "", *section.lines, ""]
+    for name in unknown:
+        for run in groups[name]:
+            lines += [f"## {name} ({run.model})", ""]
+            lines += _table(
+                run.rows, ["instance", "model", "mixing", "sigma", "p", "loss_per_feature", "loss_per_feature_stderr"]
+            )
+            lines.append("")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines) + "\n")
+    return output
+
+
+# -- running the experiments ----------------------------------------------------------------------
+FAST_COMMON = [
+    "--data.batch_size", "512",
+    "--data.eval_nonempty_samples", "20000",
+    "--trainer.limit_val_batches", "0",
+]  # fmt: skip
+FAST_SIGMAS = [round(0.01 * i, 2) for i in range(9)]
+FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 15 minutes on 2 free CPU cores
+    "sigma_sweep": [
+        "--trainer.max_steps", "1000",
+        "--data.batch_size", "1024",
+        "--data.grid", f'{{"mixing.symmetric": [true, false], "sigma": {FAST_SIGMAS}}}',
+    ],
+    "sparsity_regimes": ["--trainer.max_steps", "2000"],
+    "mixing_comparison": ["--trainer.max_steps", "1500"],
+    "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
+    "offset_baseline": ["--trainer.max_steps", "2000"],
+    "semi_nmf": ["--trainer.max_steps", "1000"],
+    "rank_study": ["--trainer.max_steps", "1000"],
+    "transplant": ["--trainer.max_steps", "1000"],
+}  # fmt: skip
+SWAPPED = '{"cases": [{"mixing.kind": "none", "sigma": 0.0}, {"mixing.kind": "gaussian", "sigma": 0.03}]}'
+
+
+def _cis(args: list[str]) -> Path:
+    from cis_lightning.main import run
+
+    return Path(run(args).trainer.log_dir)
+
+
+def reproduce(root: Path, fast: bool, experiments: tuple[str, ...] = EXPERIMENTS) -> dict[str, float]:
+    """Fit and test every experiment (trained models and baselines) under root; seconds per experiment."""
+    seconds = {}
+    for name in experiments:
+        config = str(CONFIGS / f"{name}.yaml")
+        common = [
+            "--config",
+            config,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+        ]
+        common += FAST_COMMON + FAST[name] if fast else []
+        start = time.perf_counter()
+
+        def fit_and_test(extra: list[str], logger_name: str = name, common: list[str] = common) -> Path:
+            args = [*common, *extra, "--trainer.logger.init_args.name", logger_name]
+            fit = _cis(["fit", *args])
+            _cis(["test", *args, "--ckpt_path", str(fit / "checkpoints" / "last.ckpt")])
+            return fit
+
+        if name == "offset_baseline":
+            _cis(["test", *common])
+            fit_and_test(["--model.network", "MLP"])
+        elif name == "semi_nmf":
+            for baseline in ("SemiNMF", "SVD", "Naive"):
+                _cis(["test", *common, "--model.network", baseline])
+            fit_and_test(["--model.network", "MLP"])
+        elif name == "transplant":
+            first = fit_and_test([])
+            init = ["--model.init_from", str(first / "checkpoints" / "last.ckpt"), "--data.grid", SWAPPED]
+            _cis(["test", *common, *init, "--trainer.logger.init_args.name", "transplant_swapped"])
+            fit_and_test(init, "transplant_finetune")
+        else:
+            fit_and_test([])
+        seconds[name] = time.perf_counter() - start
+        print(f"reproduce: {name} took {seconds[name]:.0f} s", flush=True)
+    return seconds
+
+
+def main(args: list[str] | None = None) -> None:
+    """`cis report RUN_DIR... [--output F]` or `python -m cis_lightning.report reproduce [--fast]`."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] == "reproduce":
+        parser = argparse.ArgumentParser(prog="python -m cis_lightning.report reproduce")
+        parser.add_argument("--fast", action="store_true", help="short schedules (about 15 minutes on 2 CPU cores)")
+        parser.add_argument(
+            "--root", type=Path, default=None, help="run directory root (default runs/reproduce[-fast])"
+        )
+        parser.add_argument("--output", type=Path, default=None, help="report file (default docs/report[-full].md)")
+        parser.add_argument("--only", nargs="*", default=list(EXPERIMENTS), choices=EXPERIMENTS)
+        parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+        options = parser.parse_args(args[1:])
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        root = options.root or Path("runs/reproduce-fast" if options.fast else "runs/reproduce")
+        output = options.output or Path("docs/report.md" if options.fast else "docs/report-full.md")
+        start = time.perf_counter()
+        seconds = reproduce(root, options.fast, tuple(options.only))
+        info = {
+            "command": "python -m cis_lightning.report " + " ".join(args),
+            "fast": options.fast,
+            "threads": torch.get_num_threads(),
+            "seconds": seconds,
+            "total_seconds": time.perf_counter() - start,
+        }
+        (root / "reproduce.json").write_text(json.dumps(info, indent=1))
+        print(f"report: {write_report([root], output)}")
+        return
+    parser = argparse.ArgumentParser(
+        prog="cis report", description="collect results.csv files into one Markdown report"
+    )
+    parser.add_argument("directories", nargs="+", type=Path)
+    parser.add_argument("--output", type=Path, default=Path("docs/report.md"))
+    options = parser.parse_args(args[1:] if args and args[0] == "report" else args)
+    missing = [str(d) for d in options.directories if not d.is_dir()]
+    if missing:
+        print(f"cis: error: report: no such run directory: {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"report: {write_report(options.directories, options.output)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""`cis report`: results.csv files of real and hand-made runs into one Markdown page with figures and verdicts."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cis_lightning.main import main, run
+from cis_lightning.report import NAIVE
+
+from .conftest import REPO, tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(directory: Path, experiment: str, rows: list[dict]) -> None:
+    """A test directory as `cis test` leaves it: results.csv and the config naming the experiment."""
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({"trainer": {"logger": {"init_args": {"name": experiment}}}}))
+    with (directory / "results.csv").open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def sweep_rows(losses: dict[tuple[bool, float], float], stderr: float = 1e-4) -> list[dict]:
+    return [
+        {"model": "MLP", "sigma": s, "configured_sigma": s, "mixing.symmetric": sym, "loss_per_feature": lpf,
+         "loss_per_feature_stderr": stderr}
+        for (sym, s), lpf in losses.items()
+    ]  # fmt: skip
+
+
+def claim_line(report: str, claim: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith(f"| {claim} |"))
+
+
+DIP = "The advantage grows with sigma up to an optimum and then shrinks"
+SYMMETRIC = "Asymmetric noise helps less than symmetric"
+
+
+def test_report_supports_a_claim_whose_numbers_show_it(tmp_path):
+    losses = {(True, 0.0): 0.085, (True, 0.03): 0.070, (True, 0.08): 0.110}
+    losses |= {(False, 0.0): 0.085, (False, 0.03): 0.080, (False, 0.08): 0.120}
+    write_run(tmp_path / "runs" / "sigma_sweep" / "version_1", "sigma_sweep", sweep_rows(losses))
+    output = main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "out" / "report.md")])
+    assert output is None
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| yes |" in claim_line(report, DIP)
+    assert "0.0700 ± 0.0001" in claim_line(report, DIP)
+    assert "| yes |" in claim_line(report, SYMMETRIC)
+    figure = tmp_path / "out" / "report_sigma_sweep.png"
+    assert figure.read_bytes()[:8] == PNG_MAGIC
+    assert "(report_sigma_sweep.png)" in report
+
+
+def test_report_rejects_a_claim_within_the_standard_error(tmp_path):
+    """A dip smaller than two standard errors is no optimum."""
+    losses = {(True, 0.0): 0.085, (True, 0.03): 0.0849, (True, 0.08): 0.110}
+    write_run(tmp_path / "sigma_sweep" / "version_0", "sigma_sweep", sweep_rows(losses, stderr=1e-3))
+    main(["report", str(tmp_path), "--output", str(tmp_path / "report.md")])
+    assert "| **no** |" in claim_line((tmp_path / "report.md").read_text(), DIP)
+
+
+def test_report_collects_real_fit_test_and_baseline_runs(tmp_path):
+    """A trained run (fit, then test from its checkpoint) and a baseline (test only) of one experiment."""
+    save = tmp_path / "runs"
+    common = [
+        *tiny_args(save, "configs/experiments/semi_nmf.yaml"),
+        "--data.grid", '{"sigma": [0.0, 0.02]}',
+        "--trainer.logger.init_args.name", "semi_nmf",
+    ]  # fmt: skip
+    fit = run(["fit", *common, "--model.network", "MLP"])
+    run(
+        [
+            "test",
+            *common,
+            "--model.network",
+            "MLP",
+            "--ckpt_path",
+            str(Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    run(["test", *common, "--model.network", "Naive"])
+    main(["report", str(save), "--output", str(tmp_path / "docs" / "report.md")])
+    report = (tmp_path / "docs" / "report.md").read_text()
+    assert "## Semi-NMF baseline (`semi_nmf.yaml`)" in report
+    table = [line for line in report.splitlines() if line.startswith("| MLP |") or line.startswith("| Naive |")]
+    assert len(table) == 4  # two models x two sigmas
+    naive_clean = next(line for line in table if line.startswith("| Naive | 0 |"))
+    assert naive_clean.split("|")[3].strip().startswith(f"{NAIVE:.3f}"[:4])  # (n - h) / n / 6 = 0.0833
+    assert (tmp_path / "docs" / "report_semi_nmf.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_of_a_missing_directory_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"cis: error: report: no such run directory: {tmp_path / 'nowhere'}"
+
+
+def test_experiment_configs_all_parse(capsys):
+    """Every configs/experiments file is a valid `cis` config with the grid the paper asks for."""
+    sizes = {}
+    for config in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), "--print_config"])
+        out = capsys.readouterr().out
+        sizes[config.stem] = int(out.rsplit("K = ", 1)[1].split()[0])
+    assert sizes == {
+        "eigen_alignment": 1,
+        "mixing_comparison": 4,
+        "offset_baseline": 4,
+        "rank_study": 10,
+        "semi_nmf": 8,
+        "sigma_sweep": 82,
+        "sparsity_regimes": 10,
+        "transplant": 2,
+    }

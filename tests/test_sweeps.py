@@ -1,0 +1,154 @@
+"""Sweeps on the instance dimension: grid expansion, per-instance independence, step scaling, the sigma sweep."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cis_lightning import Instance, Mixing, expand_grid
+from cis_lightning.main import main, run
+from cis_lightning.task import grid_size, nonempty_steps
+
+from .conftest import REPO, tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def weights(cli) -> dict:
+    return torch.load(Path(cli.trainer.log_dir) / "weights.pt", weights_only=True)["network"]
+
+
+def test_grid_is_the_cartesian_product_with_the_last_key_fastest():
+    grid = {"sigma": [0.0, 0.01], "mixing.symmetric": [True, False], "seed": [3]}
+    instances = expand_grid(Instance(mixing=Mixing(kind="gaussian")), grid)
+    assert [(i.sigma, i.mixing.symmetric, i.seed) for i in instances] == [
+        (0.0, True, 3),
+        (0.0, False, 3),
+        (0.01, True, 3),
+        (0.01, False, 3),
+    ]
+    assert grid_size(grid) == len(instances) == 4
+
+
+def test_grid_cases_set_several_fields_together():
+    grid = {"cases": [{"mixing.kind": "none"}, {"mixing.kind": "gaussian", "sigma": 0.03}], "seed": [0, 1]}
+    instances = expand_grid(Instance(), grid)
+    assert [(i.mixing.kind, i.sigma, i.seed) for i in instances] == [
+        ("none", 0.0, 0),
+        ("none", 0.0, 1),
+        ("gaussian", 0.03, 0),
+        ("gaussian", 0.03, 1),
+    ]
+    assert grid_size(grid) == 4
+
+
+def test_print_config_states_the_expanded_grid_size_and_stays_yaml(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(REPO / "configs/experiments/sigma_sweep.yaml"), "--print_config"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "# data.grid expands to K = 82 instances" in out  # 41 sigmas x 2 kinds
+    assert len(yaml.safe_load(out)["data"]["grid"]["sigma"]) == 41
+
+
+def test_an_unknown_grid_key_is_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *tiny_args(tmp_path), "--data.grid", '{"sigmaa": [0.0]}'])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cis: error: data.grid.sigmaa: unknown grid key; allowed: feature_probability")
+    assert "\n" not in err
+
+
+def test_results_have_one_row_per_instance_with_the_grid_values(tiny):
+    grid = '{"sigma": [0.0, 0.05], "mixing.symmetric": [true, false]}'
+    fit = run(["fit", *tiny(steps=5), "--data.grid", grid])
+    test = run(
+        [
+            "test",
+            *tiny(),
+            "--data.grid",
+            grid,
+            "--ckpt_path",
+            str(Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    rows = read_csv(Path(test.trainer.log_dir) / "results.csv")
+    assert [(float(r["configured_sigma"]), r["mixing.symmetric"]) for r in rows] == [
+        (0.0, "True"),
+        (0.0, "False"),
+        (0.05, "True"),
+        (0.05, "False"),
+    ]
+    assert [r["mixing"] for r in rows] == ["gaussian(sym)", "gaussian", "gaussian(sym)", "gaussian"]
+
+
+def test_instance_k_of_a_k_run_equals_a_one_instance_run(tiny):
+    """Same seed, same settings: the same initial weights, the same batches, the same updates."""
+    grid = '{"sigma": [0.0, 0.02, 0.04], "seed": [5]}'
+    many = weights(run(["fit", *tiny(steps=10), "--data.grid", grid]))
+    one = weights(run(["fit", *tiny(steps=10), "--data.sigma", "0.02", "--data.seed", "5"]))
+    for name in ("w_in", "w_out"):
+        assert many[name].shape[0] == 3
+        torch.testing.assert_close(many[name][1:2], one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_nonempty_steps_keep_the_non_empty_samples_equal():
+    n = 10
+    q = [1 - (1 - p) ** n for p in (0.05, 0.2, 1.0)]
+    assert nonempty_steps(1000, [0.05, 0.2, 1.0], n) == [1000, round(1000 * q[0] / q[1]), round(1000 * q[0])]
+
+
+def test_an_instance_with_its_own_shorter_schedule_equals_a_run_of_that_length(tmp_path):
+    """equal_nonempty_samples: the dense instance trains T_1 = round(T q(0.25) / q(1)) steps, then stays frozen."""
+    n, steps = 5, 20
+    t_dense = round(steps * (1 - 0.75**n))  # q(1) = 1
+    common = [
+        *tiny_args(tmp_path / "runs", "configs/mlp_clean.yaml"),
+        "--data.n_features", str(n),
+        "--model.network.init_args.d_mlp", "3",
+    ]  # fmt: skip
+    pair = run(["fit", *common, "--trainer.max_steps", str(steps), "--model.equal_nonempty_samples", "true",
+                "--data.grid", '{"feature_probability": [0.25, 1.0]}'])  # fmt: skip
+    assert pair.model.instance_steps() == [steps, t_dense]
+    sparse = run(["fit", *common, "--trainer.max_steps", str(steps), "--data.feature_probability", "0.25"])
+    dense = run(["fit", *common, "--trainer.max_steps", str(t_dense), "--data.feature_probability", "1.0"])
+    both = weights(pair)
+    for name in ("w_in", "w_out"):
+        torch.testing.assert_close(both[name][0:1], weights(sparse)[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(both[name][1:2], weights(dense)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fast_sigma_sweep_falls_with_sigma_before_rising(tmp_path):
+    """The paper's shape at p = 0.01, symmetric M: L/p(0) > L/p(0.03) < L/p(0.08), beyond 3 standard errors."""
+    args = [
+        "--config", str(REPO / "configs/experiments/sigma_sweep.yaml"),
+        "--data.grid", '{"mixing.symmetric": [true], "sigma": [0.0, 0.03, 0.08]}',
+        "--trainer.max_steps", "800",
+        "--data.batch_size", "512",
+        "--data.eval_nonempty_samples", "20000",
+        "--data.eval_batch_size", "16384",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]  # fmt: skip
+    fit = run(["fit", *args])
+    test = run(["test", *args, "--ckpt_path", str(Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt")])
+    rows = read_csv(Path(test.trainer.log_dir) / "results.csv")
+    (clean, middle, strong) = ((float(r["loss_per_feature"]), float(r["loss_per_feature_stderr"])) for r in rows)
+
+    def below(a, b):
+        return a[0] + 3 * math.hypot(a[1], b[1]) < b[0]
+
+    assert below(middle, clean) and below(middle, strong), rows
