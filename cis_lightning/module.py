@@ -21,6 +21,7 @@ from cis_lightning.evaluation import (
     naive_loss_per_feature,
     per_sample_loss,
 )
+from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
 from cis_lightning.task import Task, nonempty_steps
@@ -123,7 +124,11 @@ class CCModule(pl.LightningModule):
                 "with `cis test --config ...`, no fit needed",
             )
         if self.init_from:
-            self.network.load_state_dict(_network_weights(self.init_from))
+            try:
+                self.network.load_state_dict(_network_weights(self.init_from))
+            except RuntimeError as error:  # other shapes or names: one line, no traceback
+                problem = " ".join(str(error).split())[:300]
+                raise ConfigError("model.init_from", f"{self.init_from} does not fit this network: {problem}") from None
         # Hand-made baselines build their weights from the task (M, p) here; trained models ignore it.
         self.network.fit_to(self.task)
 
@@ -345,11 +350,7 @@ class CCModule(pl.LightningModule):
 
 def _network_weights(path: str) -> dict[str, Tensor]:
     """The network's state dict from a Lightning checkpoint or a run's weights.pt, read as data only."""
-    require(Path(path).is_file(), "model.init_from", f"no such checkpoint file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: one message, no traceback
-        raise ConfigError("model.init_from", f"cannot read {path}: {error}") from None
+    state = read_checkpoint(path, field="model.init_from", lightning=False)
     if "state_dict" in state:
         return {k.removeprefix("network."): v for k, v in state["state_dict"].items() if k.startswith("network.")}
     require("network" in state, "model.init_from", f"{path} is neither a Lightning checkpoint nor a weights.pt")

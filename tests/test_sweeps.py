@@ -152,3 +152,21 @@ def test_a_fast_sigma_sweep_falls_with_sigma_before_rising(tmp_path):
         return a[0] + 3 * math.hypot(a[1], b[1]) < b[0]
 
     assert below(middle, clean) and below(middle, strong), rows
+
+
+def test_init_from_starts_from_the_network_weights_of_a_checkpoint(tiny):
+    """The transplant experiment's mechanism: testing init_from weights equals testing that checkpoint."""
+    fit = run(["fit", *tiny(steps=5)])
+    checkpoint = str(Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    restored = run(["test", *tiny(), "--ckpt_path", checkpoint])
+    transplanted = run(["test", *tiny(), "--model.init_from", checkpoint])
+    (a,) = read_csv(Path(restored.trainer.log_dir) / "results.csv")
+    (b,) = read_csv(Path(transplanted.trainer.log_dir) / "results.csv")
+    assert a["loss_per_feature"] == b["loss_per_feature"]
+
+
+def test_init_from_a_missing_file_is_one_line_naming_the_field(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["test", *tiny(), "--model.init_from", str(tmp_path / "none.ckpt")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("cis: error: model.init_from: no checkpoint file at")
