@@ -149,7 +149,12 @@ class CISCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        try:
+            return super().instantiate_trainer(plugins=plugins, **kwargs)
+        except ConfigError:
+            raise
+        except (ModuleNotFoundError, ValueError) as error:  # e.g. an accelerator whose package is missing
+            raise ConfigError("trainer", " ".join(str(error).split())) from None
 
     def _run_subcommand(self, subcommand: str) -> None:
         # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
@@ -172,6 +177,8 @@ class CISCLI(LightningCLI):
         require(max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
         world, batch = self.trainer.world_size, self.datamodule.batch_size
         require(batch % world == 0, "data.batch_size", f"(global batch) must divide by the {world} ranks, got {batch}")
+        interval = self.trainer.val_check_interval
+        require(interval > 0, "trainer.val_check_interval", f"must be > 0 (steps between validations), got {interval}")
 
 
 def _logger_layout(config: Namespace) -> tuple[Namespace, Path] | None:

@@ -57,6 +57,7 @@ CASES = [
     ("grid_unknown_key", ["--data.grid", '{"banana": [1]}'], "data.grid.banana", "unknown grid key"),
     ("max_steps_not_a_number", ["--trainer.max_steps", "abc"], "trainer.max_steps", "abc"),
     ("max_steps_zero", ["--trainer.max_steps", "0"], "trainer.max_steps", "positive integer"),
+    ("val_check_interval_zero", ["--trainer.val_check_interval", "0"], "trainer.val_check_interval", "> 0"),
     ("devices_zero", ["--trainer.devices", "0"], "trainer", "devices"),
     ("unknown_option", ["--data.batch_sise", "8"], "data.batch_sise", "unrecognized"),
     ("missing_config_file", ["--config", "{missing}"], "config", "does not exist"),
