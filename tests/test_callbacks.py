@@ -71,7 +71,7 @@ def analysed_run(tmp_path_factory) -> Path:
     """A real 60-step fit of mlp_gaussian with callbacks/analysis.yaml; returns its run directory."""
     args = fit_args(tmp_path_factory.mktemp("runs"), "mlp_gaussian.yaml", "analysis.yaml")
     # A command-line value for a list of callbacks sets the last one's argument (here: Figures').
-    args += ["--trainer.callbacks.init_args.n_nonempty", "2000", "--trainer.callbacks.init_args.n_grid", "4"]
+    args += ["--trainer.callbacks.init_args.n_nonempty", "1000", "--trainer.callbacks.init_args.n_grid", "2"]
     cli = run(args)
     return Path(cli.trainer.log_dir)
 
