@@ -143,6 +143,36 @@ def test_default_callbacks_survive_the_preset(analysed_run):
     assert (analysed_run / "weights.pt").is_file()
 
 
+def test_testing_the_checkpoint_draws_the_figures_again_in_the_test_run(analysed_run):
+    # `cis test` reads the run's config.yaml, which carries the callbacks; Figures draws at test end.
+    test = run(["test", "--ckpt_path", str(analysed_run / "checkpoints" / "last.ckpt")])
+    test_dir = Path(test.trainer.log_dir)
+    assert test_dir != analysed_run
+    assert all((test_dir / "figures" / f"{name}.png").is_file() for name in FIGURES)
+    events = EventAccumulator(str(test_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"figures/{name}" for name in FIGURES} <= set(events.Tags()["images"])
+
+
+def test_two_instances_get_their_own_tags_and_charts(tmp_path):
+    args = fit_args(tmp_path, "mlp_gaussian.yaml", "alignment.yaml", steps=20)
+    args[5:5] = ["--config", str(REPO / "callbacks" / "per_feature_loss.yaml")]  # two presets compose
+    # 20 steps: one per-feature accumulation (every 20), logged with the figures at the end of training.
+    cli = run([*args, "--data.grid", "{seed: [0, 1]}", "--model.network.init_args.d_mlp", "10"])
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for k in (0, 1):
+        assert {f"alignment/cos_eig_top/instance_{k}", f"per_feature/worst/instance_{k}"} <= tags
+        assert {f"{tag}/instance_{k}" for tag in feature_tags()} <= tags
+        assert {f"alignment/figure/instance_{k}", f"per_feature/heatmap/instance_{k}"} <= set(events.Tags()["images"])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    (pattern,) = charts["L_j / p of every feature j (instance 1)"].multiline.tag
+    assert sorted(t for t in tags if re.search(pattern, t)) == [f"{tag}/instance_1" for tag in feature_tags()]
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_preset_composes_with_every_config(config, preset, tmp_path):
