@@ -158,10 +158,6 @@ def seeds_grid(k: int) -> list[str]:
     return ["--data.grid", json.dumps({"seed": list(range(k))})]
 
 
-def median_of(repeats: int, measure) -> float:
-    return statistics.median(measure() for _ in range(repeats))
-
-
 def memory_run(steps: int) -> tuple[float, list[dict]]:
     """Peak RSS (MB) of a default `cis fit` of `steps` steps in a child process, and its RSS probes."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -234,20 +230,23 @@ def main() -> None:
     w, s, r = args.warmup, args.steps, args.repeats
     started = time.perf_counter()
     print(f"machine: {machine()}")
+    print("load average before: " + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
     print(
         f"settings: n={N_FEATURES}, d_mlp={D_MLP}, batch {BATCH}, p={P}; warm-up {w} steps, {s} timed, median of {r}\n"
     )
 
-    # Training: the reference and cis alternate, so that a slow phase of the machine hits both.
-    ref, mlp, residual = [], [], []
+    # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
+    k16_steps = max(s // 4, 50)
+    ref, mlp, residual, compiled, k16 = [], [], [], [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
         residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
-    ref, mlp, residual = (statistics.median(v) for v in (ref, mlp, residual))
-    k16_steps = max(s // 4, 50)
+        # torch.compile of the loss: compiled during the warm-up, so not timed.
+        compiled.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, ["--model.compile", "true"]))
+        k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+    ref, mlp, residual, compiled, k16 = (statistics.median(v) for v in (ref, mlp, residual, compiled, k16))
     k1 = mlp
-    k16 = median_of(r, lambda: cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
     k82 = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82))
 
     # Evaluation at p = 0.001 of one (untrained, Kaiming-initialised) MLP.
@@ -271,6 +270,8 @@ def main() -> None:
         ("reference loop (paper's code), steps/s", f"{ref:.1f}", ""),
         ("cis fit MLP, steps/s", f"{mlp:.1f}", ""),
         ("  ratio cis / reference", f"{mlp / ref:.2f}x", ">= 3x"),
+        ("cis fit MLP --model.compile true, steps/s", f"{compiled:.1f}", ""),
+        ("  ratio compiled cis / reference", f"{compiled / ref:.2f}x", ">= 3x"),
         ("cis fit residual MLP (d_embed 1000), steps/s", f"{residual:.1f}", ""),
         ("  residual step time / MLP step time", f"{mlp / residual:.2f}x", "<= 1.5x"),
         ("cis fit K=16 instance-steps/s", f"{16 * k16:.1f}", ""),
@@ -292,7 +293,8 @@ def main() -> None:
     print(f"{'measure':<{width}}  {'value':>28}  target")
     for name, value, target in rows:
         print(f"{name:<{width}}  {value:>28}  {target}")
-    print(f"\nbench time {time.perf_counter() - started:.0f} s")
+    print("load average after: " + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
+    print(f"bench time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

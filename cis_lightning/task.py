@@ -212,7 +212,7 @@ class Task(nn.Module):
         feature_probability: Sequence[float] | None = None,
     ) -> Tensor | SparseInput:
         """The batch of `sample` as drawn: a SparseInput at sparse p and for exactly-one-active data
-        (only the active entries exist), else the dense (K, B, n) tensor. `to_dense` gives `sample`'s tensor.
+        (only the active entries exist), else the dense (K, B, n) tensor. `to_dense` gives `sample`'s.
         """
         require(batch_size % world_size == 0, "data.batch_size", f"{batch_size} is not divisible by the {world_size} ranks")
         local = batch_size // world_size
@@ -277,7 +277,8 @@ class Task(nn.Module):
         row = torch.div(position, n, rounding_mode="floor") - rank * local
         inside = (row >= 0) & (row < local)
         # Entries of other ranks (or past the batch) go to a spare row `local` with value 0.
-        row, feature, values = torch.where(inside, row, local), torch.where(inside, position % n, 0), torch.where(inside, values, 0.0)
+        row, feature = torch.where(inside, row, local), torch.where(inside, position % n, 0)
+        values = torch.where(inside, values, 0.0)
         if rank > 0:  # the entries of lower ranks come first: move them to the end (rows stay sorted)
             order = torch.argsort(row, dim=1, stable=True)
             row, feature, values = row.gather(1, order), feature.gather(1, order), values.gather(1, order)
@@ -297,8 +298,8 @@ class SparseInput:
     """A batch x (K, B, n) stored as its active entries: x[k, row[k, c], feature[k, c]] = value[k, c].
 
     row, feature, value: (K, C); an entry with row == B is padding (value 0) and is dropped. Entries
-    are distinct positions, sorted by row. Products with x cost O(C) instead of O(B n): at p = 0.01 a batch of
-    2048 x 100 has about 2048 active entries.
+    are distinct positions, sorted by row. Products with x cost O(C) instead of O(B n): at p = 0.01
+    a batch of 2048 x 100 has about 2048 active entries.
     """
 
     row: Tensor
