@@ -345,10 +345,11 @@ class Figures(_Checked):
         if not task.exactly_one_active:  # evaluation p means nothing with exactly one active feature
             curves = [self._evaluate(network, task, [p] * k_total) for p in self.grid]
             at_trained = self._evaluate(network, task, None)
+        log_dir = trainer.log_dir  # on every rank: a broadcast under DDP
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / "figures"
+        directory = Path(log_dir or trainer.default_root_dir) / "figures"
         naive = naive_loss_per_feature(network.n_features, network.n_neurons)
         if curves is not None:
             trained_p = [i.feature_probability for i in task.instances]

@@ -66,14 +66,26 @@ def fit_args(save_dir: Path, config: str, preset: str, steps: int = STEPS) -> li
     ]
 
 
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def analysed_run(tmp_path_factory) -> Path:
-    """A real 60-step fit of mlp_gaussian with callbacks/analysis.yaml; returns its run directory."""
-    args = fit_args(tmp_path_factory.mktemp("runs"), "mlp_gaussian.yaml", "analysis.yaml")
+    """A real 60-step `cis fit` of mlp_gaussian with callbacks/analysis.yaml in two DDP processes (gloo on
+    the CPU), so that every test of the outputs is also a test of the collectives: on every rank (the
+    per-feature metric, evaluate, trainer.log_dir), drawing on rank zero; a mismatch deadlocks or kills
+    the run. Returns the run directory."""
+    save_dir = tmp_path_factory.mktemp("runs")
+    args = fit_args(save_dir, "mlp_gaussian.yaml", "analysis.yaml")
     # A command-line value for a list of callbacks sets the last one's argument (here: Figures').
-    args += ["--trainer.callbacks.init_args.n_nonempty", "1000", "--trainer.callbacks.init_args.n_grid", "2"]
-    cli = run(args)
-    return Path(cli.trainer.log_dir)
+    args += ["--trainer.callbacks.init_args.n_nonempty", "1000", "--trainer.callbacks.init_args.n_grid", "2", *DDP]
+    done = subprocess.run(
+        [sys.executable, "-m", "cis_lightning", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed_backend=gloo" in done.stdout + done.stderr
+    (run_dir,) = (save_dir / "mlp_gaussian").iterdir()
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +155,15 @@ def test_default_callbacks_survive_the_preset(analysed_run):
     assert (analysed_run / "weights.pt").is_file()
 
 
+def test_rank_zero_alone_writes_events(analysed_run):
+    assert len(list(analysed_run.glob("events.out.tfevents.*"))) == 1
+
+
 def test_testing_the_checkpoint_draws_the_figures_again_in_the_test_run(analysed_run):
     # `cis test` reads the run's config.yaml, which carries the callbacks; Figures draws at test end.
-    test = run(["test", "--ckpt_path", str(analysed_run / "checkpoints" / "last.ckpt")])
+    # In this one process: the run's own settings were two DDP processes.
+    one_process = ["--trainer.strategy", "auto", "--trainer.devices", "1"]
+    test = run(["test", "--ckpt_path", str(analysed_run / "checkpoints" / "last.ckpt"), *one_process])
     test_dir = Path(test.trainer.log_dir)
     assert test_dir != analysed_run
     assert all((test_dir / "figures" / f"{name}.png").is_file() for name in FIGURES)
