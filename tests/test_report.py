@@ -67,6 +67,29 @@ def test_report_rejects_a_claim_within_the_standard_error(tmp_path):
     assert "| **no** |" in claim_line((tmp_path / "report.md").read_text(), DIP)
 
 
+def test_report_judges_the_sparse_dense_crossover_from_results_by_p(tmp_path):
+    """A model trained at small p that beats naive at small evaluation p and loses at p = 1 supports the claim."""
+    directory = tmp_path / "sparsity_regimes" / "version_1"
+    rows = [{"model": "MLP", "instance": 0, "p": 0.001, "loss_per_feature": 0.07, "loss_per_feature_stderr": 1e-4}]
+    write_run(directory, "sparsity_regimes", rows)
+    by_p = [
+        {"model": "MLP", "p": 0.001, "eval_p": q, "loss_per_feature": lpf, "loss_per_feature_stderr": 1e-4}
+        for q, lpf in ((0.001, 0.07), (0.1, 0.09), (1.0, 0.12))
+    ]
+    with (directory / "results_by_p.csv").open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(by_p[0]))
+        writer.writeheader()
+        writer.writerows(by_p)
+    main(["report", str(tmp_path), "--output", str(tmp_path / "report.md")])
+    report = (tmp_path / "report.md").read_text()
+    line = claim_line(
+        report,
+        "Trained at p = 0.001 with a symmetric M, the trained model beats the naive loss at small p and loses "
+        "to it at large p",
+    )
+    assert "| yes |" in line and "at p = 1: 0.1200 ± 0.0001" in line
+
+
 def test_report_collects_real_fit_test_and_baseline_runs(tmp_path):
     """A trained run (fit, then test from its checkpoint) and a baseline (test only) of one experiment."""
     save = tmp_path / "runs"
