@@ -183,8 +183,11 @@ class CCModule(pl.LightningModule):
         return losses.sum()
 
     def _logging_this_step(self) -> bool:
-        """Log only on the steps the logger writes, so other steps make no host sync."""
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step == 0
+        """Log only on the steps the logger writes, so that the other steps make no host sync.
+
+        Lightning's own LearningRateMonitor asks the same (internal) question.
+        """
+        return self.trainer._logger_connector.should_update_logs
 
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -311,7 +314,8 @@ class CCModule(pl.LightningModule):
                 "instance": k,
                 "model": type(self.network).__name__,
                 "mixing": self._mixing_label(instance),
-                "sigma": float(self.task.sigma_value()[k]),
+                # A learned sigma is reported as trained; a fixed one exactly as configured.
+                "sigma": float(self.task.sigma_value()[k]) if instance.learn_sigma else instance.sigma,
                 "p": instance.feature_probability,
                 "seed": instance.seed,
                 "loss_per_feature": float(lpf[k]),
