@@ -24,7 +24,9 @@ from cis_lightning.task import Instance, Stream, Task, expand_grid
 class _Steps(IterableDataset):
     """(stream, step) for step = start(), start() + 1, ... (< stop), this rank's share only when `split`."""
 
-    def __init__(self, stream: Stream, start: Callable[[], int], stop: int | None = None, split: Callable | None = None):
+    def __init__(
+        self, stream: Stream, start: Callable[[], int], stop: int | None = None, split: Callable | None = None
+    ):
         self.stream, self.start, self.stop, self.split = stream, start, stop, split
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

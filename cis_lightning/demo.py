@@ -26,7 +26,9 @@ def run(config: str = CONFIG, extra: list[str] | None = None) -> Path:
         rows = list(csv.DictReader(f))
     print(f"\ntrained {config} in {fit_seconds:.0f} s; run directory {run_dir}")
     for row in rows:
-        lpf, err, naive = (float(row[k]) for k in ("loss_per_feature", "loss_per_feature_stderr", "naive_loss_per_feature"))
+        lpf, err, naive = (
+            float(row[k]) for k in ("loss_per_feature", "loss_per_feature_stderr", "naive_loss_per_feature")
+        )
         verdict = "beats" if lpf + 3 * err < naive else "does not beat"
         print(f"instance {row['instance']}: L/p = {lpf:.5f} +- {err:.5f}, naive {naive:.5f}: {verdict} the naive model")
     print(f"results: {results}")

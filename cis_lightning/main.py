@@ -1,7 +1,7 @@
 """The `cis` command: LightningCLI over CCModule and CCDataModule.
 
-    cis fit --config configs/compressed_computation.yaml
-    cis test --ckpt_path runs/compressed_computation/version_0/checkpoints/last.ckpt
+cis fit --config configs/compressed_computation.yaml
+cis test --ckpt_path runs/compressed_computation/version_0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

@@ -183,7 +183,12 @@ class ResidualMLP(CCModel):
     ):
         super().__init__()
         check_sizes(
-            **{"model.n_features": n_features, "model.d_embed": d_embed, "model.d_mlp": d_mlp, "model.n_layers": n_layers}
+            **{
+                "model.n_features": n_features,
+                "model.d_embed": d_embed,
+                "model.d_mlp": d_mlp,
+                "model.n_layers": n_layers,
+            }
         )
         seeds = _instance_seeds(seeds)
         self.n_features, self.d_embed, self.d_mlp, self.n_layers = n_features, d_embed, d_mlp, n_layers

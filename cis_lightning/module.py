@@ -82,7 +82,11 @@ class CCModule(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        require(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "model.lr", f"must be a number > 0, got {lr!r}")
+        require(
+            isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
+            "model.lr",
+            f"must be a number > 0, got {lr!r}",
+        )
         require(
             isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0,
             "model.weight_decay",
@@ -135,7 +139,9 @@ class CCModule(pl.LightningModule):
     # -- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps
-        require(max_steps is not None and max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
+        require(
+            max_steps is not None and max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}"
+        )
         groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
         if self.task.sigma.requires_grad:
             groups.append({"params": [self.task.sigma], "weight_decay": 0.0})
@@ -379,7 +385,10 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def format_results(rows: list[dict]) -> str:
     """The results table for the terminal: one line per instance."""
-    header = f"{'inst':>4}  {'model':<12} {'mixing':<18} {'sigma':>7} {'p':>7} {'seed':>4}  {'L/p':>9} {'+-':>8}  {'naive':>7}"
+    header = (
+        f"{'inst':>4}  {'model':<12} {'mixing':<18} {'sigma':>7} {'p':>7} {'seed':>4}  "
+        f"{'L/p':>9} {'+-':>8}  {'naive':>7}"
+    )
     lines = [header]
     for r in rows:
         lines.append(

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from cis_lightning.evaluation import naive_loss_per_feature
+from cis_lightning.loading import read_checkpoint
 
 EXPERIMENTS = (
     "sigma_sweep",
@@ -220,7 +221,7 @@ def _participation(weights: Path | None) -> list[float]:
     """Mean over neurons of the participation ratio of |W_in| rows: ~1 when a neuron reads one feature."""
     if weights is None or not weights.is_file():
         return []
-    w_in = torch.load(weights, map_location="cpu", weights_only=True)["network"]["w_in"].double()
+    w_in = read_checkpoint(weights, field="report", lightning=False)["network"]["w_in"].double()
     w2 = w_in.pow(2)
     ratio = w2.sum(-1).pow(2) / w2.pow(2).sum(-1).clamp_min(1e-30)  # (K, h)
     return ratio.mean(-1).tolist()
@@ -329,7 +330,7 @@ def eigen_alignment(runs: list[Run], figures: Path) -> Section:
     run = next((r for r in runs if r.model == "MLP" and r.weights is not None and r.weights.is_file()), None)
     if run is None:
         return Section("Eigen-subspace alignment (`eigen_alignment.yaml`)", ["(no run)"], [])
-    state = torch.load(run.weights, map_location="cpu", weights_only=True)
+    state = read_checkpoint(run.weights, field="report", lightning=False)
     w_in, w_out = state["network"]["w_in"], state["network"]["w_out"]
     sigma = state["task"]["sigma"].abs()
     cos = alignment(w_in, w_out, sigma[:, None, None] * state["task"]["mixing"])[0]

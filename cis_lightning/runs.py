@@ -2,7 +2,7 @@
 
 Pure torch (no Lightning import): the network and the task are rebuilt from the run's saved
 config.yaml with the same classes and seeds, and their state is loaded with
-`torch.load(..., weights_only=True)`, so the task carries the exact M and sigma of the run.
+`loading.read_checkpoint` (weights only), so the task carries the exact M and sigma of the run.
 
     run = load_run("runs/mlp_gaussian/version_0")
     w_in, w_out = run.network.effective_weights()
@@ -22,6 +22,7 @@ import yaml
 
 from cis_lightning import models
 from cis_lightning.errors import ConfigError, require
+from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import CCModel
 from cis_lightning.task import Instance, Task, expand_grid
@@ -58,7 +59,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
     weights = path if path.is_file() else _weights_file(directory, config)
     task = _task(config.get("data") or {})
     network = _network(config, task)
-    state = torch.load(weights, map_location=map_location, weights_only=True)
+    state = read_checkpoint(weights, map_location, field="path", lightning=False)
     if "state_dict" in state:  # a Lightning checkpoint: the module's keys are network.* and task.*
         state = {
             part: {k.removeprefix(f"{part}."): v for k, v in state["state_dict"].items() if k.startswith(f"{part}.")}

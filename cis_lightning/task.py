@@ -214,14 +214,20 @@ class Task(nn.Module):
         """The batch of `sample` as drawn: a SparseInput at sparse p and for exactly-one-active data
         (only the active entries exist), else the dense (K, B, n) tensor. `to_dense` gives `sample`'s.
         """
-        require(batch_size % world_size == 0, "data.batch_size", f"{batch_size} is not divisible by the {world_size} ranks")
+        require(
+            batch_size % world_size == 0, "data.batch_size", f"{batch_size} is not divisible by the {world_size} ranks"
+        )
         local = batch_size // world_size
         device = self.mixing.device
         key = rng.stream_key(self.seeds, int(stream), step)[:, None]  # (K, 1)
         if self.exactly_one_active:
             return self._one_active(key, rank * local, local)
         # The path is chosen from host-side floats, never from device values (no sync).
-        ps = [i.feature_probability for i in self.instances] if feature_probability is None else list(feature_probability)
+        ps = (
+            [i.feature_probability for i in self.instances]
+            if feature_probability is None
+            else list(feature_probability)
+        )
         p = torch.tensor(ps, device=device) if feature_probability is not None else self.feature_probability
         if max(ps) <= _DENSE_ABOVE:
             return self._sparse(key, p, batch_size, local, rank, max(ps))

@@ -9,8 +9,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_args(save_dir: Path, config: str = "configs/mlp_gaussian.yaml", steps: int = 20) -> list[str]:
-    """Arguments that make any config train and evaluate in about a second."""
+def tiny_args(
+    save_dir: Path, config: str = "configs/mlp_gaussian.yaml", steps: int = 20, log_every_n_steps: int | None = 5
+) -> list[str]:
+    """Arguments that make any config train and evaluate in about a second (None: the default logging interval)."""
+    logging = [] if log_every_n_steps is None else ["--trainer.log_every_n_steps", str(log_every_n_steps)]
     return [
         "--config",
         str(REPO / config),
@@ -20,8 +23,7 @@ def tiny_args(save_dir: Path, config: str = "configs/mlp_gaussian.yaml", steps: 
         "false",
         "--trainer.enable_model_summary",
         "false",
-        "--trainer.log_every_n_steps",
-        "5",
+        *logging,
         "--trainer.logger.init_args.save_dir",
         str(save_dir),
         "--data.batch_size",

@@ -21,7 +21,7 @@ from cis_lightning.baselines import (
     svd_factors,
     target_matrix,
 )
-from cis_lightning.evaluation import per_sample_loss
+from cis_lightning.evaluation import loss_per_feature_limit
 from cis_lightning.main import main, run
 
 from .conftest import REPO
@@ -29,17 +29,6 @@ from .conftest import REPO
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, H = 100, 50
-
-
-def one_active_loss_per_feature(model, task: Task) -> torch.Tensor:
-    """Exact L / p of exactly-one-active data for a positively homogeneous model (K,).
-
-    loss(u e_i) = u^2 loss(sign(u) e_i) and E[u^2 | sign] = 1/3, each sign with probability 1/2, so
-    E[loss] = sum_i (loss(e_i) + loss(-e_i)) / (6 n), and p = 1/n.
-    """
-    eye = torch.eye(task.n_features)
-    x = torch.cat([eye, -eye]).expand(task.n_instances, -1, -1)
-    return per_sample_loss(model, task, x).double().sum(dim=1) / 6
 
 
 def fitted(model_class, task: Task, **kwargs):
@@ -59,7 +48,7 @@ def gaussian_task(sigmas: list[float], exactly_one_active: bool = False) -> Task
 
 def test_zero_model_at_m_zero_is_exactly_one_sixth():
     task = clean_task(0.01)
-    assert one_active_loss_per_feature(fitted(Zero, task), task).item() == pytest.approx(
+    assert loss_per_feature_limit(fitted(Zero, task), task).item() == pytest.approx(
         1 / 6, rel=1e-6
     )  # float32 forward passes
 
@@ -67,7 +56,7 @@ def test_zero_model_at_m_zero_is_exactly_one_sixth():
 def test_naive_model_is_exactly_n_minus_d_mlp_over_n_over_six():
     task = clean_task(0.01)
     expected = (N - H) / N / 6
-    assert one_active_loss_per_feature(fitted(Naive, task), task).item() == pytest.approx(
+    assert loss_per_feature_limit(fitted(Naive, task), task).item() == pytest.approx(
         expected, rel=1e-6
     )  # float32 forward passes
 
@@ -135,8 +124,8 @@ def test_semi_nmf_model_beats_naive_for_small_sigma():
     task = gaussian_task([0.01, 0.02], exactly_one_active=True)
     model = fitted(SemiNMF, task, iterations=200)
     assert torch.all(model.reconstruction_error > 0)
-    naive = one_active_loss_per_feature(fitted(Naive, task), task)
-    assert torch.all(one_active_loss_per_feature(model, task) < naive)
+    naive = loss_per_feature_limit(fitted(Naive, task), task)
+    assert torch.all(loss_per_feature_limit(model, task) < naive)
 
 
 def test_baselines_have_no_trainable_parameters():

@@ -28,8 +28,8 @@ from cis_lightning.callbacks import EigenAlignment, Figures, PerFeatureLoss
 from cis_lightning.datamodule import CCDataModule
 from cis_lightning.main import CISCLI, TRAINER_DEFAULTS, run
 from cis_lightning.module import CCModule
+from tests.conftest import REPO, tiny_args
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 PRESETS = {
     "alignment.yaml": [EigenAlignment],
@@ -43,27 +43,8 @@ FIGURES = ["alignment", "response", "weight_bars", "interference", "entry_fit", 
 
 
 def fit_args(save_dir: Path, config: str, preset: str, steps: int = STEPS) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / config),
-        "--config",
-        str(REPO / "callbacks" / preset),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.logger.init_args.save_dir",
-        str(save_dir),
-        "--data.batch_size",
-        "256",
-        "--data.eval_nonempty_samples",
-        "2000",
-        "--data.eval_batch_size",
-        "4096",
-    ]
+    args = tiny_args(save_dir, f"configs/{config}", steps, log_every_n_steps=None)
+    return ["fit", *args, "--config", str(REPO / "callbacks" / preset)]
 
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]

@@ -15,6 +15,7 @@ import torch
 from cis_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
 from cis_lightning.errors import ConfigError
 from cis_lightning.main import run
+from cis_lightning.runs import load_run
 from tests.conftest import tiny_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -98,8 +99,7 @@ def test_the_checkpoint_io_refuses_it(hostile):
 
 
 def test_load_run_refuses_it(hostile):
-    load_run = pytest.importorskip("cis_lightning.runs").load_run
-    with pytest.raises(Exception, match="(?i)weights.only|refused"):
+    with pytest.raises(ConfigError, match="refused"):
         load_run(hostile["path"])
     assert not hostile["marker"].exists()
 

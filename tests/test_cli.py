@@ -60,7 +60,9 @@ def test_test_evaluates_the_matrices_saved_in_the_checkpoint(tiny):
     checkpoint["state_dict"]["task.mixing"].zero_()
     checkpoint["state_dict"]["network.w_out"].zero_()
     torch.save(checkpoint, run_dir / "checkpoints" / "zeroed.ckpt")
-    test = run(["test", "--ckpt_path", str(run_dir / "checkpoints" / "zeroed.ckpt"), "--trainer.enable_progress_bar", "false"])
+    test = run(
+        ["test", "--ckpt_path", str(run_dir / "checkpoints" / "zeroed.ckpt"), "--trainer.enable_progress_bar", "false"]
+    )
     row = read_results(Path(test.trainer.log_dir) / "results.csv")[0]
     # Zero output against labels ReLU(x) (M = 0): L / p = E[ReLU(u)^2] = 1/6 exactly in expectation.
     lpf, err = float(row["loss_per_feature"]), float(row["loss_per_feature_stderr"])
@@ -79,7 +81,13 @@ def test_every_config_parses_with_the_papers_defaults(config, capsys):
         main(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
-    for setting in ("max_steps: 10000", "batch_size: 2048", "feature_probability: 0.01", "lr: 0.003", "weight_decay: 0.01"):
+    for setting in (
+        "max_steps: 10000",
+        "batch_size: 2048",
+        "feature_probability: 0.01",
+        "lr: 0.003",
+        "weight_decay: 0.01",
+    ):
         assert setting in printed
 
 

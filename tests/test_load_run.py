@@ -16,29 +16,11 @@ from cis_lightning.errors import ConfigError
 from cis_lightning.main import run
 from cis_lightning.mixing import embedding_mixing
 from cis_lightning.task import Stream
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import tiny_args
 
 
 def tiny(save_dir: Path, config: str, steps: int) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / config),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.logger.init_args.save_dir",
-        str(save_dir),
-        "--data.batch_size",
-        "256",
-        "--data.eval_nonempty_samples",
-        "2000",
-        "--data.eval_batch_size",
-        "4096",
-    ]
+    return tiny_args(save_dir, f"configs/{config}", steps, log_every_n_steps=None)
 
 
 @pytest.fixture(scope="module")

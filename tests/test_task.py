@@ -95,7 +95,10 @@ def test_labels_of_a_hand_made_input():
 
 
 def test_learned_sigma_gets_a_gradient_and_fixed_sigma_does_not():
-    t = task(Instance(sigma=0.1, learn_sigma=True, mixing=Mixing(kind="gaussian")), Instance(sigma=0.1, mixing=Mixing(kind="gaussian")))
+    t = task(
+        Instance(sigma=0.1, learn_sigma=True, mixing=Mixing(kind="gaussian")),
+        Instance(sigma=0.1, mixing=Mixing(kind="gaussian")),
+    )
     x = t.sample(256, step=0)
     t.labels(x).pow(2).sum().backward()
     assert t.sigma.grad[0] != 0
