@@ -32,7 +32,8 @@ def run(config: str = CONFIG, extra: list[str] | None = None) -> Path:
         verdict = "beats" if lpf + 3 * err < naive else "does not beat"
         print(f"instance {row['instance']}: L/p = {lpf:.5f} +- {err:.5f}, naive {naive:.5f}: {verdict} the naive model")
     print(f"results: {results}")
-    print(f"TensorBoard: tensorboard --logdir {run_dir.parent}  (then open http://localhost:6006)")
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    print(f"TensorBoard: {tensorboard} --logdir {run_dir.parent}  (then open http://localhost:6006)")
     return results
 
 
