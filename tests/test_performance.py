@@ -19,6 +19,7 @@ from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP, ResidualMLP
 from cis_lightning.task import Instance, SparseInput, Task
+from tests.conftest import tiny_args
 
 
 def _gradients(loss: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -191,21 +192,11 @@ def test_a_compiled_training_step_trains_the_same_weights(tmp_path):
     """`--model.compile true` (torch.compile of the loss) is the same training as the eager step."""
     weights = []
     for compile in ("false", "true"):
-        save_dir = tmp_path / compile
         args = [
             "fit",
-            "--config",
-            str(Path(__file__).resolve().parents[1] / "configs/mlp_embedding.yaml"),
+            *tiny_args(tmp_path / compile, "configs/mlp_embedding.yaml", steps=5, log_every_n_steps=None),
             "--model.compile",
             compile,
-            "--trainer.max_steps",
-            "5",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.logger.init_args.save_dir",
-            str(save_dir),
             "--trainer.limit_val_batches",
             "0",
             "--data.batch_size",
