@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from cis_lightning.errors import require
+from cis_lightning.fused import one_layer_loss
 from cis_lightning.models import CCModel
 from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, to_dense
 
@@ -42,9 +43,14 @@ def samples_for(n_nonempty: int, task: Task, feature_probability: list[float]) -
 def per_sample_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
     """Mean squared error over features for every sample: (K, B). x (K, B, n), dense or sparse.
 
-    A sparse batch of a model with the readout form is never made dense (`_readout_loss`).
+    A sparse batch of a model with the readout form is never made dense (`_readout_loss`); a
+    one-layer model without biases takes `fused.one_layer_loss`, the same algebra with its backward
+    written out.
     """
     if isinstance(x, SparseInput) and model.has_readout_form:
+        a, (w, b) = model.hidden_weight(), model.readout()
+        if a is not None and b is None:
+            return one_layer_loss(a, w, _label_map(model, task), x)
         return _readout_loss(model, task, x)
     x = to_dense(x)
     y = task.labels(x, residual=model.residual)

@@ -88,6 +88,13 @@ class CCModel(nn.Module):
         """W (K, n, m) from the activations to the output, and the output bias b (K, 1, n) or None."""
         raise NotImplementedError
 
+    def hidden_weight(self) -> Tensor | None:
+        """A (K, m, n) when hidden(x) == ReLU(x A^T) (one layer, no bias), else None.
+
+        The training loss then runs through `fused.one_layer_loss`, whose backward is written out.
+        """
+        return None
+
     def skip(self) -> Tensor | None:
         """L (K, n, n), the linear path from input to output, or None."""
         return None
@@ -148,6 +155,9 @@ class MLP(CCModel):
 
     def readout(self) -> tuple[Tensor, Tensor | None]:
         return self.effective_weights()[1], self.b_out
+
+    def hidden_weight(self) -> Tensor | None:
+        return self.effective_weights()[0] if self.b_hidden is None else None
 
     def forward(self, x: Tensor) -> Tensor:
         w_in, w_out = self.effective_weights()
@@ -259,6 +269,9 @@ class ResidualMLP(CCModel):
         """[B_1, ..., B_L] (K, n, L h), B_l = W_E W_out_l."""
         k, n = self.n_instances, self.n_features
         return (self.w_embed[:, None] @ self.w_out).permute(0, 2, 1, 3).reshape(k, n, -1), None
+
+    def hidden_weight(self) -> Tensor | None:
+        return self.w_in[:, 0] @ self.w_embed.transpose(1, 2) if self.n_layers == 1 else None
 
     def skip(self) -> Tensor:
         return self.embed_gram

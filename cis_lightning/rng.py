@@ -8,6 +8,8 @@ torch.Generator gives none of that cheaply, so we hash counters with SplitMix64
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -35,10 +37,28 @@ def mix64(z: Tensor) -> Tensor:
     return z ^ _shift_right(z, 31)
 
 
+def _mix64_int(value: int) -> int:
+    """mix64 of one number on the host: the same 64 bits as the tensor version (as an unsigned int)."""
+    mask = (1 << 64) - 1
+    z = value & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def stream_base(seeds: Tensor, stream: int) -> Tensor:
+    """The part of stream_key that does not depend on the step (callers may keep it)."""
+    return mix64(seeds * _GOLDEN + stream)
+
+
+def step_key(base: Tensor, step: int) -> Tensor:
+    """stream_key from stream_base: the step is hashed on the host, so this is one device pass."""
+    return mix64(base ^ _signed(_mix64_int(step)))
+
+
 def stream_key(seeds: Tensor, stream: int, step: int) -> Tensor:
     """Key of one (seed, stream, step) cell, shape of `seeds` (int64)."""
-    z = mix64(seeds * _GOLDEN + stream)
-    return mix64(z ^ mix64(torch.full_like(seeds, step)))
+    return step_key(stream_base(seeds, stream), step)
 
 
 def uniform(key: Tensor, index: Tensor) -> Tensor:
@@ -46,5 +66,18 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
 
     key broadcasts against index; the result never is exactly 0 or 1, so log() is safe.
     """
-    bits = _shift_right(mix64(key + (index + 1) * _GOLDEN), 11)
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+    return _to_unit(mix64(key + (index + 1) * _GOLDEN))
+
+
+def uniform_first(key: Tensor, count: int) -> Tensor:
+    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters' part kept per size."""
+    return _to_unit(mix64(key + _first_counters(count, key.device)))
+
+
+@functools.lru_cache(maxsize=16)
+def _first_counters(count: int, device: torch.device) -> Tensor:
+    return (torch.arange(count, device=device) + 1) * _GOLDEN
+
+
+def _to_unit(z: Tensor) -> Tensor:
+    return (_shift_right(z, 11).to(torch.float64) + 0.5) * 2.0**-53

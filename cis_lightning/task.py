@@ -158,6 +158,7 @@ class Task(nn.Module):
         self.register_buffer("feature_probability", torch.tensor([i.feature_probability for i in instances]))
         self.register_buffer("seeds", torch.tensor([i.seed for i in instances], dtype=torch.int64))
         self.register_buffer("learn_sigma", torch.tensor([i.learn_sigma for i in instances]))
+        self._stream_bases: dict[int, tuple] = {}  # stream -> (seeds it was made from, their version, base)
         learned = any(i.learn_sigma for i in instances)
         self.sigma = nn.Parameter(torch.tensor([float(i.sigma) for i in instances]), requires_grad=learned)
 
@@ -219,7 +220,7 @@ class Task(nn.Module):
         )
         local = batch_size // world_size
         device = self.mixing.device
-        key = rng.stream_key(self.seeds, int(stream), step)[:, None]  # (K, 1)
+        key = self._key(int(stream), step)[:, None]  # (K, 1)
         if self.exactly_one_active:
             return self._one_active(key, rank * local, local)
         # The path is chosen from host-side floats, never from device values (no sync).
@@ -233,6 +234,15 @@ class Task(nn.Module):
             return self._sparse(key, p, batch_size, local, rank, max(ps))
         return self._dense(key, p, torch.arange(rank * local, (rank + 1) * local, device=device))
 
+    def _key(self, stream: int, step: int) -> Tensor:
+        """rng.stream_key(seeds, stream, step); the per-stream part is kept until the seeds change."""
+        seeds = self.seeds
+        cached = self._stream_bases.get(stream)
+        if cached is None or cached[0] is not seeds or cached[1] != seeds._version:
+            cached = (seeds, seeds._version, rng.stream_base(seeds, stream))
+            self._stream_bases[stream] = cached
+        return rng.step_key(cached[2], step)
+
     def sample_active(self, n_active: int, batch_size: int, step: int, stream: Stream = Stream.TEST) -> Tensor:
         """x (K, batch_size, n) with exactly `n_active` active features per sample: the input distribution
         conditional on the number of active features (a uniform subset, values uniform on [-1, 1]).
@@ -240,7 +250,7 @@ class Task(nn.Module):
         For the stratified evaluation (`evaluation.evaluate`). Steps are keyed by (n_active, step).
         """
         n, k = self.n_features, n_active
-        key = rng.stream_key(self.seeds, int(stream), k * 2**32 + step)[:, None, None]  # (K, 1, 1)
+        key = self._key(int(stream), k * 2**32 + step)[:, None, None]  # (K, 1, 1)
         entries = torch.arange(batch_size * n, device=self.mixing.device).view(batch_size, n)
         if k <= _SEQUENTIAL_SUBSET:
             # The j-th feature is uniform among the n - j not yet chosen: r uniform in [0, n - j),
@@ -275,11 +285,10 @@ class Task(nn.Module):
         mean = total * p_max
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
-        ids = torch.arange(count, device=key.device)
-        u_gap = rng.uniform(key, ids)  # (K, count)
-        gaps = torch.floor(torch.log(u_gap) / torch.log1p(-p.double())[:, None]).long()
+        u = rng.uniform_first(key, 2 * count)  # (K, 2 count): the gaps, then the values
+        gaps = torch.floor(torch.log(u[:, :count]) / torch.log1p(-p.double())[:, None]).long()
         position = torch.cumsum(gaps + 1, dim=1) - 1  # global entry ids of the active entries
-        values = (2 * rng.uniform(key, ids + count) - 1).float()
+        values = (2 * u[:, count:] - 1).float()
         row = torch.div(position, n, rounding_mode="floor") - rank * local
         inside = (row >= 0) & (row < local)
         # Entries of other ranks (or past the batch) go to a spare row `local` with value 0.

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from cis_lightning import evaluation
 from cis_lightning.evaluation import per_sample_loss
 from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
@@ -110,6 +111,28 @@ def test_the_sparse_loss_equals_the_dense_loss_in_value_and_gradients(network_na
     fast, slow = per_sample_loss(model, task, sparse), per_sample_loss(model, task, dense)
     assert torch.allclose(fast, slow, atol=1e-12)
     for a, b in zip(_gradients(fast.sum(), params), _gradients(slow.sum(), params), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("network_name", ["mlp", "tied mlp", "residual"])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_loss(network_name, rank, monkeypatch):
+    """The hand-written backward of `fused.one_layer_loss`, on a rank's share of a batch (padding
+    entries of other ranks included), against autograd through the dense form."""
+    calls = []
+    fused = evaluation.one_layer_loss
+    monkeypatch.setattr(evaluation, "one_layer_loss", lambda *args: calls.append(1) or fused(*args))
+    model = _perturbed(NETWORKS[network_name]())
+    task = TASKS["learned sigma, symmetric M"](False).double()
+    sparse = task.draw(300, step=4, rank=rank, world_size=3)
+    sparse.value = sparse.value.double()
+    assert (sparse.row == sparse.batch_size).any()  # padding entries present
+    params = list(model.parameters()) + [task.sigma]
+    fast, slow = per_sample_loss(model, task, sparse), per_sample_loss(model, task, sparse.dense())
+    assert calls == [1]
+    assert torch.allclose(fast, slow, atol=1e-12)
+    weights = torch.rand(fast.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(_gradients((weights * fast).sum(), params), _gradients((weights * slow).sum(), params), strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 

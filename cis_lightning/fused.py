@@ -1,0 +1,137 @@
+"""The training loss of a one-layer model on a sparse batch, with a hand-written backward.
+
+For h = ReLU(A x) and the readout y_hat = W h (no biases), against labels y = ReLU(x) + R x, the
+per-sample loss is ||W h - u||^2 / n with u = ReLU(x) + R x. `evaluation._readout_loss` computes it
+with autograd; here the same algebra runs as one autograd node whose backward is written out, so a
+training step costs a few dozen kernels instead of a few hundred (on a CPU, and in launches on a GPU,
+a step of this model costs per-kernel overhead far more than arithmetic).
+
+Per sample b (n features, m neurons), with G = W^T W and q_b = W^T u_b:
+
+    loss_b = (h_b . G h_b - 2 h_b . q_b + ||u_b||^2) / n
+
+and with s_b = 2 g_b / n for the incoming gradient g:
+
+    dL/dh_b = s_b (G h_b - q_b)               dL/dq_b = -s_b h_b
+    dL/dG   = sum_b (g_b / n) h_b h_b^T       (so dL/dW gets 2 W dL/dG)
+    q_b = sum over entries c of b: ReLU(v_c) W[f_c] + v_c (R^T W)[f_c]
+    A x_b = sum over entries c of b: v_c A[:, f_c]
+    dL/dR = W dT^T + sum_b s_b u_b x_b^T      (T = R^T W, dT the gradient at T)
+
+Only the active entries (row r_c, feature f_c, value v_c) of x are touched: gathers and index_adds
+of C ~ B n p rows. Row B of every instance collects the padding entries (value 0) and is dropped.
+Tested against the dense autograd form in tests/test_performance.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cis_lightning.task import SparseInput
+
+
+def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Tensor:
+    """Per-sample loss (K, B) of y_hat = W ReLU(A x) against ReLU(x) + R x.
+
+    a (K, m, n), w (K, n, m), r (K, n, n) or None (no linear part in the labels); x sparse.
+    Gradients flow to a, w and r.
+    """
+    k, n = a.shape[0], a.shape[2]
+    instance = torch.arange(k, device=a.device)[:, None]
+    entries = _Entries(
+        feature=(instance * n + x.feature).reshape(-1),  # rows of a (K n, .) table
+        row=(instance * (x.batch_size + 1) + x.row).reshape(-1),  # rows of a (K (B + 1), .) stack
+        value=x.value.reshape(-1).to(a.dtype),
+        n_rows=k * (x.batch_size + 1),
+        n_features=k * n,
+    )
+    if r is None:
+        return _OneLayerLoss.apply(a, w, entries, x.batch_size)
+    return _OneLayerLoss.apply(a, w, entries, x.batch_size, r)
+
+
+class _Entries:
+    """The active entries of K stacked instances, with both groupings an embedding bag needs.
+
+    by row: entries are sorted by row already, `row_start[j]` is the first entry of row j;
+    by feature: `order` sorts them by feature, `feature_start[f]` is the first of feature f.
+    """
+
+    def __init__(self, feature: Tensor, row: Tensor, value: Tensor, n_rows: int, n_features: int):
+        self.feature, self.row, self.value, self.n_rows, self.n_features = feature, row, value, n_rows, n_features
+        device = row.device
+        self.row_start = torch.searchsorted(row, torch.arange(n_rows, device=device))
+        sorted_feature, self.order = torch.sort(feature)
+        self.feature_start = torch.searchsorted(sorted_feature, torch.arange(n_features, device=device))
+
+    def sum_by_row(self, table: Tensor, weight: Tensor) -> Tensor:
+        """out[row_c] += weight_c table[feature_c]: (n_rows, width)."""
+        return _bag(self.feature, table, self.row_start, weight)
+
+    def sum_by_feature(self, table: Tensor, weight: Tensor) -> Tensor:
+        """out[feature_c] += weight_c table[row_c]: (n_features, width)."""
+        return _bag(self.row[self.order], table, self.feature_start, weight[self.order])
+
+
+def _bag(index: Tensor, table: Tensor, starts: Tensor, weight: Tensor) -> Tensor:
+    """One fused gather, scale and segment sum (no autograd: the backward is written out below)."""
+    return torch.nn.functional.embedding_bag(index, table, starts, mode="sum", per_sample_weights=weight)
+
+
+def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
+    """grad where the ReLU's output is positive, else 0 (one kernel)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0)
+
+
+class _OneLayerLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, w, entries, batch_size, r=None):
+        # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
+        # requires grad takes its slower training path: work on detached tensors.
+        a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
+        k, m, n = a.shape
+        value, relu_value = entries.value, entries.value.relu()
+        h = entries.sum_by_row(a.transpose(1, 2).reshape(k * n, m), value).relu_().view(k, -1, m)  # (K, B + 1, m)
+        gh = torch.bmm(h, w.transpose(1, 2) @ w)  # G h
+        q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x)
+        u = None
+        if r is None:
+            u_sq = torch.zeros(entries.n_rows, device=a.device, dtype=a.dtype)
+            u_sq.index_add_(0, entries.row, relu_value.square())
+        else:
+            q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
+            u = entries.sum_by_row(r.transpose(1, 2).reshape(k * n, n), value)  # R x
+            u.view(-1).index_add_(0, entries.row * n + entries.feature % n, relu_value)  # + ReLU(x)
+            u_sq = u.square().sum(dim=1)
+        q = q.view(k, -1, m)
+        loss = (torch.linalg.vecdot(h, torch.sub(gh, q, alpha=2)) + u_sq.view(k, -1)) / n
+        ctx.entries = entries
+        ctx.save_for_backward(a, w, h, gh, q, r, u)
+        return loss[:, :batch_size]
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w, h, gh, q, r, u = ctx.saved_tensors
+        entries = ctx.entries
+        k, m, n = a.shape
+        g = torch.nn.functional.pad(grad, (0, 1))[..., None]  # (K, B + 1, 1); the padding row gets 0
+        s = g * (2 / n)
+        grad_a = grad_w = grad_r = None
+        if ctx.needs_input_grad[0]:
+            d_pre = _relu_backward(s * (gh - q), h).view(-1, m)
+            grad_a = entries.sum_by_feature(d_pre, entries.value).view(k, n, m).transpose(1, 2)
+        sh = (s * h).view(-1, m)  # -dL/dq
+        if ctx.needs_input_grad[1]:
+            d_gram = torch.bmm((h * (g / n)).transpose(1, 2), h)  # (K, m, m), symmetric
+            grad_w = 2 * torch.bmm(w, d_gram)
+            grad_w -= entries.sum_by_feature(sh, entries.value.relu()).view(k, n, m)
+        if r is not None:
+            d_t = -entries.sum_by_feature(sh, entries.value).view(k, n, m)  # gradient at T = R^T W
+            if ctx.needs_input_grad[1]:
+                grad_w += torch.bmm(r, d_t)
+            if ctx.needs_input_grad[4]:
+                # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
+                d_rt = entries.sum_by_feature(u * s.view(-1, 1), entries.value).view(k, n, n)
+                grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
+        return grad_a, grad_w, None, None, grad_r
