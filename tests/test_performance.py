@@ -132,7 +132,9 @@ def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_lo
     assert calls == [1]
     assert torch.allclose(fast, slow, atol=1e-12)
     weights = torch.rand(fast.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for a, b in zip(_gradients((weights * fast).sum(), params), _gradients((weights * slow).sum(), params), strict=True):
+    for a, b in zip(
+        _gradients((weights * fast).sum(), params), _gradients((weights * slow).sum(), params), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-10)
 
 
