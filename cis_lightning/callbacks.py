@@ -24,6 +24,7 @@ from torch import Tensor
 from cis_lightning import analysis, plots
 from cis_lightning.errors import check_sizes
 from cis_lightning.evaluation import evaluate, evaluation_probability, naive_loss_per_feature, samples_for
+from cis_lightning.report import read_results
 from cis_lightning.task import Stream
 
 __all__ = ["EigenAlignment", "Figures", "PerFeatureLoss"]
@@ -39,6 +40,11 @@ def _tensorboard(trainer: pl.Trainer):
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
+
+
+def _run_directory(trainer: pl.Trainer) -> Path:
+    """The run's directory (where the module writes results.csv). On every rank: a broadcast under DDP."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def _log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -309,22 +315,32 @@ class PerFeatureLoss(_Checked, _WritesLayout):
 
 
 class Figures(_Checked):
-    """The paper's figures for the trained model, at the end of fit and of test.
+    """The paper's figures for the trained model, at the end of fit and of test, and the sweep's at the end of test.
 
-    Per instance: `figures/loss_against_p` (all instances in one plot: L / p against the evaluation
-    p on a log grid 1e-3..1, `n_nonempty` non-empty samples per point, naive line, each model's
-    training p marked), `figures/alignment`, `figures/response` (input-output response),
-    `figures/weight_bars`, `figures/interference` and `figures/entry_fit` (W_out W_in against M).
+    All instances in one plot: `figures/loss_against_p` (L / p against the evaluation p on a log grid
+    1e-3..1, `n_nonempty` non-empty samples per point, naive line, each model's training p marked).
+    Per instance, for the first `max_instances` instances only (a K = 82 sweep gets 5 x 8 images,
+    not 5 x 82): `figures/alignment`, `figures/response` (input-output response), `figures/weight_bars`,
+    `figures/interference` and `figures/entry_fit` (W_out W_in against M).
+    At the end of test, from the run's results.csv and results_by_p.csv (the module writes them in
+    on_test_epoch_end, before any on_test_end), the sweep figures that the grid calls for
+    (`plots.sweep_figures`; none for one instance): `figures/sweep_sigma` (L / p against sigma, one line
+    per mixing kind and symmetry) when sigma varies, `figures/sweep_eval_p` (L / p against the evaluation
+    p, one line per instance labelled by its training p) with `model.test_feature_probabilities`,
+    `figures/sweep_rank` (L / p and sigma against the effective rank of M) when that rank varies.
     Logged as TensorBoard images and written as `<run directory>/figures/<name>[_instance_k].png`.
     `evaluate` sums its metric over ranks, so every rank evaluates; rank zero draws and writes.
     """
 
-    SIZES = ("n_nonempty", "n_grid", "eval_batch_size")
+    SIZES = ("n_nonempty", "n_grid", "eval_batch_size", "max_instances")
 
-    def __init__(self, n_nonempty: int = 10_000, n_grid: int = 13, eval_batch_size: int = 65536):
+    def __init__(
+        self, n_nonempty: int = 10_000, n_grid: int = 13, eval_batch_size: int = 65536, max_instances: int = 8
+    ):
         self.n_nonempty = n_nonempty
         self.n_grid = n_grid
         self.eval_batch_size = eval_batch_size
+        self.max_instances = max_instances
 
     @property
     def grid(self) -> list[float]:
@@ -336,6 +352,7 @@ class Figures(_Checked):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._draw(trainer, pl_module)
+        self._draw_sweeps(trainer, pl_module)
 
     @torch.no_grad()
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -345,11 +362,10 @@ class Figures(_Checked):
         if not task.exactly_one_active:  # evaluation p means nothing with exactly one active feature
             curves = [self._evaluate(network, task, [p] * k_total) for p in self.grid]
             at_trained = self._evaluate(network, task, None)
-        log_dir = trainer.log_dir  # on every rank: a broadcast under DDP
+        directory = _run_directory(trainer) / "figures"
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        directory = Path(log_dir or trainer.default_root_dir) / "figures"
         naive = naive_loss_per_feature(network.n_features, network.n_neurons)
         if curves is not None:
             trained_p = [i.feature_probability for i in task.instances]
@@ -362,7 +378,7 @@ class Figures(_Checked):
         x, response, target = analysis.input_output_response(network, task)
         plus, minus = analysis.interference(network, task)
         products = analysis.weight_products(w_in, w_out)
-        for k in range(k_total):
+        for k in range(min(k_total, self.max_instances)):
             name = "" if k_total == 1 else f"instance {k}"
             fit_k = analysis.EntryFit(*(getattr(fits, f)[k] for f in fits.__dataclass_fields__))
             figures = {
@@ -376,6 +392,17 @@ class Figures(_Checked):
                 suffix = "" if k_total == 1 else f"_instance_{k}"
                 png = directory / f"{figure_name}{suffix}.png"
                 _log_figure(trainer, _tag(f"figures/{figure_name}", k, k_total), fig, step, png)
+
+    def _draw_sweeps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = _run_directory(trainer)
+        if not trainer.is_global_zero:
+            return
+        rows = read_results(directory / "results.csv")
+        # Only this test's own results_by_p.csv: an earlier test in the same directory may have left one.
+        rows_by_p = read_results(directory / "results_by_p.csv") if pl_module.test_feature_probabilities else []
+        naive = naive_loss_per_feature(pl_module.network.n_features, pl_module.network.n_neurons)
+        for name, fig in plots.sweep_figures(rows, rows_by_p, naive).items():
+            _log_figure(trainer, f"figures/{name}", fig, trainer.global_step, directory / "figures" / f"{name}.png")
 
     def _evaluate(self, network, task, feature_probability: list[float] | None) -> Tensor:
         ps = evaluation_probability(task) if feature_probability is None else feature_probability

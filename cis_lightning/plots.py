@@ -1,8 +1,10 @@
-"""The paper's figures for one trained instance, drawn with matplotlib's Agg canvas.
+"""The paper's figures, drawn with matplotlib's Agg canvas.
 
-Every function takes plain tensors (one instance: no leading K), returns a `matplotlib.figure.Figure`
-and touches no global pyplot state, so it is safe in callbacks, threads and notebooks alike
-(display a figure in a notebook with `IPython.display.display(fig)`).
+The figures of one trained instance take plain tensors (no leading K); the sweep figures take result
+rows, one dict per row of a run's results.csv or results_by_p.csv (`report.read_results`), and
+compare the instances of a sweep. Every function returns a `matplotlib.figure.Figure` and touches
+no global pyplot state, so it is safe in callbacks, threads and notebooks alike (display a figure in
+a notebook with `IPython.display.display(fig)`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ __all__ = [
     "entry_fit_figure",
     "feature_heatmap_figure",
     "interference_figure",
+    "loss_against_eval_p_figure",
     "loss_against_p_figure",
+    "loss_against_sigma_figure",
+    "loss_and_sigma_against_rank_figure",
+    "loss_errorbars",
+    "naive_line",
     "response_figure",
+    "sweep_figures",
     "weight_bars_figure",
 ]
 
@@ -231,6 +239,118 @@ def feature_heatmap_figure(steps: list[int], losses: Tensor, naive: float, title
     )
     fig.colorbar(image, ax=ax, label="L_j / p", shrink=0.8)
     return fig
+
+
+# -- sweep figures: one point per result row -------------------------------------------------------
+def naive_line(ax, naive: float) -> None:
+    """The naive model's L / p, (n - d_mlp) / n / 6, as a dashed grey line."""
+    ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label="naive")
+
+
+def loss_errorbars(ax, rows: list[dict], x: str, label: str, **style) -> None:
+    """L / p with its standard error against the column `x`, one point per row, in order of x."""
+    rows = sorted(rows, key=lambda r: r[x])
+    ax.errorbar(
+        [r[x] for r in rows],
+        [r["loss_per_feature"] for r in rows],
+        yerr=[r["loss_per_feature_stderr"] for r in rows],
+        label=label,
+        capsize=2,
+        **style,
+    )
+
+
+def _true(value) -> bool:
+    """A boolean column, as written (True) or as read back from the CSV ("True")."""
+    return str(value) == "True"
+
+
+def loss_against_sigma_figure(rows: list[dict], naive: float) -> Figure:
+    """L / p against the configured sigma, one line per mixing kind and symmetry (results.csv rows)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("mixing.kind"), _true(row.get("mixing.symmetric"))), []).append(row)
+    kinds = list(dict.fromkeys(kind for kind, _ in groups))
+    fig = _figure(5, 3.4)
+    ax = fig.subplots()
+    for kind, symmetric in sorted(groups, key=lambda g: (kinds.index(g[0]), not g[1])):  # symmetric first
+        symmetry = "symmetric" if symmetric else "asymmetric"
+        label = f"{symmetry} M" if len(kinds) == 1 else f"{kind}, {symmetry}"
+        loss_errorbars(ax, groups[kind, symmetric], "configured_sigma", label, marker=".")
+    naive_line(ax, naive)
+    ps = {row["p"] for row in rows if "p" in row}
+    at_p = f" (p = {ps.pop():g})" if len(ps) == 1 else ""
+    ax.set(xlabel="sigma", ylabel="L / p", title=f"Loss per feature against sigma{at_p}")
+    ax.legend()
+    return fig
+
+
+def loss_against_eval_p_figure(
+    rows_by_p: list[dict], rows: list[dict], naive: float, ylim: tuple[float, float] | None = None
+) -> Figure:
+    """L / p against the evaluation p (results_by_p.csv rows), one line per trained instance labelled by its
+    training p, and a dot at that instance's own L / p at its training p (results.csv rows)."""
+    lines: dict[tuple, list[dict]] = {}
+    for row in rows_by_p:
+        lines.setdefault((row["p"], row.get("instance")), []).append(row)
+    keys = sorted(lines, key=lambda key: (key[0], -1 if key[1] is None else key[1]))
+    shared = {p for p, _ in keys if sum(q == p for q, _ in keys) > 1}  # training p of more than one instance
+    fig = _figure(6, 3.8)
+    ax = fig.subplots()
+    for i, (p, instance) in enumerate(keys):
+        color = f"C{i % 10}"
+        label = f"p_train {p:g}" + (f", instance {int(instance)}" if p in shared else "")
+        loss_errorbars(ax, lines[p, instance], "eval_p", label, color=color, linewidth=1)
+        own = [r for r in rows if r["p"] == p and instance in (None, r.get("instance"))]
+        if own:
+            ax.plot([p], [own[0]["loss_per_feature"]], "o", color=color)
+    naive_line(ax, naive)
+    ax.set(xscale="log", xlabel="evaluation p", ylabel="L / p", title="L/p against evaluation p, per training p")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def loss_and_sigma_against_rank_figure(rows: list[dict], naive: float) -> Figure:
+    """Two panels against the effective rank of M (results.csv rows): L / p, and sigma (learned, when it is)."""
+    rows = sorted(rows, key=lambda r: r["mixing_effective_rank"])
+    learned = any(_true(r.get("learn_sigma", True)) for r in rows)
+    fig = _figure(8.4, 3.2)
+    axes = fig.subplots(1, 2)
+    loss_errorbars(axes[0], rows, "mixing_effective_rank", "trained", marker="o")
+    naive_line(axes[0], naive)
+    axes[0].set(xlabel="effective rank of M", ylabel="L / p", title="Loss")
+    axes[1].plot([r["mixing_effective_rank"] for r in rows], [r["sigma"] for r in rows], "o-")
+    axes[1].set(
+        xlabel="effective rank of M",
+        ylabel="learned sigma" if learned else "sigma",
+        title="Learned sigma" if learned else "Sigma (fixed)",
+    )
+    return fig
+
+
+RANK_SPREAD = 0.1
+
+
+def sweep_figures(rows: list[dict], rows_by_p: list[dict], naive: float) -> dict[str, Figure]:
+    """The sweep figures that a run's grid calls for, by name, from its results.csv rows and results_by_p.csv
+    rows (none without `model.test_feature_probabilities`): `sweep_sigma` when the configured sigma varies
+    across instances, `sweep_eval_p` when there are results_by_p rows, `sweep_rank` when the effective
+    rank of M spreads over more than RANK_SPREAD of its largest value (seeds alone move a random M's
+    rank by a few percent: 1-2% for a Gaussian M of n = 100, up to 8% for a low-rank one of rank 20).
+    None for one instance: `Figures`' own loss_against_p already shows it against the evaluation p."""
+    if len(rows) < 2:
+        return {}
+    figures = {}
+    if len({r["configured_sigma"] for r in rows}) > 1:
+        figures["sweep_sigma"] = loss_against_sigma_figure(rows, naive)
+    if rows_by_p:
+        figures["sweep_eval_p"] = loss_against_eval_p_figure(rows_by_p, rows, naive)
+    ranks = [r["mixing_effective_rank"] for r in rows]
+    if max(ranks) - min(ranks) > RANK_SPREAD * max(ranks):
+        figures["sweep_rank"] = loss_and_sigma_against_rank_figure(rows, naive)
+    return figures
 
 
 def to_image(fig: Figure) -> np.ndarray:

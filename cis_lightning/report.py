@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from cis_lightning import plots
 from cis_lightning.evaluation import naive_loss_per_feature
 from cis_lightning.loading import read_checkpoint
 
@@ -55,7 +56,8 @@ class Run:
     weights: Path | None
 
 
-def _read_csv(path: Path) -> list[dict]:
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results.csv or results_by_p.csv (none if the file is missing), numbers as floats."""
     if not path.is_file():
         return []
     with path.open() as f:
@@ -77,23 +79,26 @@ def find_runs(directories: list[Path]) -> list[Run]:
         )
         logger = (config.get("trainer") or {}).get("logger") or {}
         experiment = (logger.get("init_args") or {}).get("name") or directory.parent.name
-        rows = _read_csv(results)
+        rows = read_results(results)
         ckpt = config.get("ckpt_path")
         weights = Path(ckpt).parent.parent / "weights.pt" if ckpt else None
         model = str(rows[0]["model"]) if rows else "?"
-        runs.append(Run(directory, experiment, model, rows, _read_csv(directory / "results_by_p.csv"), weights))
+        runs.append(Run(directory, experiment, model, rows, read_results(directory / "results_by_p.csv"), weights))
     return runs
 
 
-# -- figures --------------------------------------------------------------------------------------
-def _figure(width: float = 5.0, height: float = 3.4, ncols: int = 1):
+# -- figures: the sweep figures are plots.*_figure; the report's own ones are drawn here -------------
+DPI = 80  # the report's PNGs
+
+
+def _figure(width: float = 5.0, height: float = 3.4):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), dpi=80, constrained_layout=True)
-    return fig, axes
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI, constrained_layout=True)
+    return fig, ax
 
 
 def _png(figures: Path, name: str) -> Path:
@@ -105,25 +110,9 @@ def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)  # a pyplot figure of this module; a no-op for the plots module's
     return path.name
-
-
-def _naive_line(ax) -> None:
-    ax.axhline(NAIVE, color="grey", linestyle="--", linewidth=1, label="naive")
-
-
-def _errorbar(ax, rows: list[dict], x: str, label: str, **style) -> None:
-    rows = sorted(rows, key=lambda r: r[x])
-    ax.errorbar(
-        [r[x] for r in rows],
-        [r["loss_per_feature"] for r in rows],
-        yerr=[r["loss_per_feature_stderr"] for r in rows],
-        label=label,
-        capsize=2,
-        **style,
-    )
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -171,14 +160,7 @@ def _crossover(rows_by_p: list[dict]) -> tuple[str, bool, str] | None:
 def sigma_sweep(runs: list[Run], figures: Path) -> Section:
     rows = [r for run in runs if run.model == "MLP" for r in run.rows]
     lines, claims = [], []
-    fig, ax = _figure()
-    for symmetric, label in ((True, "symmetric M"), (False, "asymmetric M")):
-        subset = [r for r in rows if str(r.get("mixing.symmetric")) == str(symmetric)]
-        if subset:
-            _errorbar(ax, subset, "configured_sigma", label, marker=".")
-    _naive_line(ax)
-    ax.set(xlabel="sigma", ylabel="L / p", title="Loss per feature against sigma (p = 0.01)")
-    ax.legend()
+    fig = plots.loss_against_sigma_figure(rows, NAIVE)
     lines.append(f"![L/p against sigma]({_save(fig, _png(figures, 'sigma_sweep'))})")
     best = {}
     for symmetric in (True, False):
@@ -232,20 +214,7 @@ def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
     lines, claims = [], []
     if run is None:
         return Section("Sparsity regimes (`sparsity_regimes.yaml`)", ["(no run)"], [])
-    fig, ax = _figure(6, 3.8)
-    by_train = defaultdict(list)
-    for row in run.rows_by_p:
-        by_train[row["p"]].append(row)
-    for i, (p, rows) in enumerate(sorted(by_train.items())):
-        color = f"C{i % 10}"
-        _errorbar(ax, rows, "eval_p", f"p_train {p:g}", color=color, linewidth=1)
-        own = [r for r in run.rows if r["p"] == p]
-        if own:
-            ax.plot([p], [own[0]["loss_per_feature"]], "o", color=color)
-    _naive_line(ax)
-    ax.set(xscale="log", xlabel="evaluation p", ylabel="L / p", title="L/p against evaluation p, per training p")
-    ax.set_ylim(0, 0.2)
-    ax.legend(fontsize=6, ncol=2)
+    fig = plots.loss_against_eval_p_figure(run.rows_by_p, run.rows, NAIVE, ylim=(0, 0.2))
     lines.append(f"![L/p against evaluation p]({_save(fig, _png(figures, 'sparsity_regimes'))})")
     spread = _participation(run.weights)
     rows = sorted(run.rows, key=lambda r: r["p"])
@@ -292,8 +261,8 @@ def mixing_comparison(runs: list[Run], figures: Path) -> Section:
     if run.rows_by_p:
         fig, ax = _figure()
         for mixing in dict.fromkeys(r["mixing"] for r in run.rows_by_p):
-            _errorbar(ax, [r for r in run.rows_by_p if r["mixing"] == mixing], "eval_p", mixing, marker=".")
-        _naive_line(ax)
+            plots.loss_errorbars(ax, [r for r in run.rows_by_p if r["mixing"] == mixing], "eval_p", mixing, marker=".")
+        plots.naive_line(ax, NAIVE)
         ax.set(xscale="log", xlabel="evaluation p", ylabel="L / p", title="Trained at p = 0.01, by mixing matrix")
         ax.legend(fontsize=7)
         lines.append(f"![L/p by mixing]({_save(fig, _png(figures, 'mixing_comparison'))})")
@@ -373,7 +342,7 @@ def offset_baseline(runs: list[Run], figures: Path) -> Section:
     for i, p in enumerate(sorted({r["p"] for r in offset.rows_by_p})):
         for run, style, label in ((offset, "--", "offset"), (trained, "-", "trained")):
             if run is not None:
-                _errorbar(
+                plots.loss_errorbars(
                     ax,
                     [r for r in run.rows_by_p if r["p"] == p],
                     "eval_p",
@@ -381,7 +350,7 @@ def offset_baseline(runs: list[Run], figures: Path) -> Section:
                     color=f"C{i}",
                     linestyle=style,
                 )
-    _naive_line(ax)
+    plots.naive_line(ax, NAIVE)
     ax.set(
         xscale="log", xlabel="evaluation p", ylabel="L / p", title="Clean labels: naive + offset (dashed) vs trained"
     )
@@ -416,8 +385,8 @@ def semi_nmf(runs: list[Run], figures: Path) -> Section:
     fig, ax = _figure()
     by_model = {run.model: run for run in runs}
     for model, run in by_model.items():
-        _errorbar(ax, run.rows, "configured_sigma", model, marker=".")
-    _naive_line(ax)
+        plots.loss_errorbars(ax, run.rows, "configured_sigma", model, marker=".")
+    plots.naive_line(ax, NAIVE)
     ax.set(xlabel="sigma", ylabel="L / p", title="Exactly one active feature: baselines vs trained")
     ax.legend(fontsize=7)
     lines.append(f"![semi-NMF]({_save(fig, _png(figures, 'semi_nmf'))})")
@@ -457,12 +426,7 @@ def rank_study(runs: list[Run], figures: Path) -> Section:
     if run is None:
         return Section("Rank study (`rank_study.yaml`)", ["(no run)"], [])
     rows = sorted(run.rows, key=lambda r: r["mixing_effective_rank"])
-    fig, axes = _figure(4.2, 3.2, ncols=2)
-    _errorbar(axes[0], rows, "mixing_effective_rank", "trained", marker="o")
-    _naive_line(axes[0])
-    axes[0].set(xlabel="effective rank of M", ylabel="L / p", title="Loss")
-    axes[1].plot([r["mixing_effective_rank"] for r in rows], [r["sigma"] for r in rows], "o-")
-    axes[1].set(xlabel="effective rank of M", ylabel="learned sigma", title="Learned sigma")
+    fig = plots.loss_and_sigma_against_rank_figure(rows, NAIVE)
     lines = [f"![rank study]({_save(fig, _png(figures, 'rank_study'))})", ""]
     lines += _table(rows, ["mixing", "mixing_effective_rank", "sigma", "loss_per_feature", "loss_per_feature_stderr"])
     return Section("Rank study (`rank_study.yaml`)", lines, [])
