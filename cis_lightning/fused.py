@@ -52,26 +52,35 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Te
 
 
 class _Entries:
-    """The active entries of K stacked instances, with both groupings an embedding bag needs.
+    """The active entries of K stacked instances, grouped for embedding bags both ways.
 
-    by row: entries are sorted by row already, `row_start[j]` is the first entry of row j;
-    by feature: `order` sorts them by feature, `feature_start[f]` is the first of feature f.
+    By row (the order they come in: sorted by row), `row_start[j]` is the first entry of row j; by
+    feature, `row_by_feature` and `value_by_feature` are the entries sorted by feature and
+    `feature_start[f]` the first of feature f. Starts come from counts (no search).
     """
 
     def __init__(self, feature: Tensor, row: Tensor, value: Tensor, n_rows: int, n_features: int):
         self.feature, self.row, self.value, self.n_rows, self.n_features = feature, row, value, n_rows, n_features
-        device = row.device
-        self.row_start = torch.searchsorted(row, torch.arange(n_rows, device=device))
-        sorted_feature, self.order = torch.sort(feature)
-        self.feature_start = torch.searchsorted(sorted_feature, torch.arange(n_features, device=device))
+        self.row_start = _starts(row, n_rows)
+        order = torch.sort(feature.int()).indices  # int32 sorts faster; K n is far below 2^31
+        self.row_by_feature = row.index_select(0, order)
+        self.value_by_feature = value.index_select(0, order)
+        self.feature_start = _starts(feature, n_features)
 
     def sum_by_row(self, table: Tensor, weight: Tensor) -> Tensor:
         """out[row_c] += weight_c table[feature_c]: (n_rows, width)."""
         return _bag(self.feature, table, self.row_start, weight)
 
     def sum_by_feature(self, table: Tensor, weight: Tensor) -> Tensor:
-        """out[feature_c] += weight_c table[row_c]: (n_features, width)."""
-        return _bag(self.row[self.order], table, self.feature_start, weight[self.order])
+        """out[feature_c] += weight_c table[row_c]: (n_features, width); weight in feature order."""
+        return _bag(self.row_by_feature, table, self.feature_start, weight)
+
+
+def _starts(group: Tensor, n_groups: int) -> Tensor:
+    """Index of the first entry of every group when entries are ordered by group (exclusive cumsum of counts)."""
+    counts = torch.zeros(n_groups, dtype=group.dtype, device=group.device)
+    counts.index_add_(0, group, torch.ones_like(group))
+    return counts.cumsum(0) - counts
 
 
 def _bag(index: Tensor, table: Tensor, starts: Tensor, weight: Tensor) -> Tensor:
@@ -85,6 +94,10 @@ def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
 
 
 class _OneLayerLoss(torch.autograd.Function):
+    # Passes over (K, B, m) tensors are what a big K pays for (memory traffic), so they are counted:
+    # forward ReLU, t = G h - 2 q, h * t and its sum; backward t + q, the ReLU mask and h * g.
+    # The per-row factor 2 g_b / n of the backward goes into the per-entry weights instead (O(C)).
+
     @staticmethod
     def forward(ctx, a, w, entries, batch_size, r=None):
         # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
@@ -93,7 +106,6 @@ class _OneLayerLoss(torch.autograd.Function):
         k, m, n = a.shape
         value, relu_value = entries.value, entries.value.relu()
         h = entries.sum_by_row(a.transpose(1, 2).reshape(k * n, m), value).relu_().view(k, -1, m)  # (K, B + 1, m)
-        gh = torch.bmm(h, w.transpose(1, 2) @ w)  # G h
         q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x)
         u = None
         if r is None:
@@ -105,33 +117,36 @@ class _OneLayerLoss(torch.autograd.Function):
             u.view(-1).index_add_(0, entries.row * n + entries.feature % n, relu_value)  # + ReLU(x)
             u_sq = u.square().sum(dim=1)
         q = q.view(k, -1, m)
-        loss = (torch.linalg.vecdot(h, torch.sub(gh, q, alpha=2)) + u_sq.view(k, -1)) / n
+        t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
+        loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
         ctx.entries = entries
-        ctx.save_for_backward(a, w, h, gh, q, r, u)
+        ctx.save_for_backward(a, w, h, t, q, r, u)
         return loss[:, :batch_size]
 
     @staticmethod
     def backward(ctx, grad):
-        a, w, h, gh, q, r, u = ctx.saved_tensors
+        a, w, h, t, q, r, u = ctx.saved_tensors
         entries = ctx.entries
         k, m, n = a.shape
-        g = torch.nn.functional.pad(grad, (0, 1))[..., None]  # (K, B + 1, 1); the padding row gets 0
-        s = g * (2 / n)
+        g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
+        # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
+        s = (g * (2 / n)).view(-1).index_select(0, entries.row_by_feature)
+        weight, relu_weight = entries.value_by_feature * s, entries.value_by_feature.relu() * s
         grad_a = grad_w = grad_r = None
         if ctx.needs_input_grad[0]:
-            d_pre = _relu_backward(s * (gh - q), h).view(-1, m)
-            grad_a = entries.sum_by_feature(d_pre, entries.value).view(k, n, m).transpose(1, 2)
-        sh = (s * h).view(-1, m)  # -dL/dq
+            d_pre = _relu_backward(t + q, h).view(-1, m)  # (G h - q) through the ReLU, per unit s_b
+            grad_a = entries.sum_by_feature(d_pre, weight).view(k, n, m).transpose(1, 2)
+        h_rows = h.view(-1, m)
         if ctx.needs_input_grad[1]:
-            d_gram = torch.bmm((h * (g / n)).transpose(1, 2), h)  # (K, m, m), symmetric
+            d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)  # (K, m, m), symmetric
             grad_w = 2 * torch.bmm(w, d_gram)
-            grad_w -= entries.sum_by_feature(sh, entries.value.relu()).view(k, n, m)
+            grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
         if r is not None:
-            d_t = -entries.sum_by_feature(sh, entries.value).view(k, n, m)  # gradient at T = R^T W
+            d_t = -entries.sum_by_feature(h_rows, weight).view(k, n, m)  # gradient at T = R^T W
             if ctx.needs_input_grad[1]:
                 grad_w += torch.bmm(r, d_t)
             if ctx.needs_input_grad[4]:
                 # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
-                d_rt = entries.sum_by_feature(u * s.view(-1, 1), entries.value).view(k, n, n)
+                d_rt = entries.sum_by_feature(u, weight).view(k, n, n)
                 grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
         return grad_a, grad_w, None, None, grad_r

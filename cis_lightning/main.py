@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.baselines import SVD, Naive, NaiveOffset, SemiNMF, Zero  # noqa: F401  (baselines by short name)
 from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
 from cis_lightning.datamodule import CCDataModule
@@ -226,6 +227,7 @@ def run(args: list[str] | None = None) -> LightningCLI:
     Bad configuration exits 2 with one message naming the field, a diverging run 1 (its last good
     checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
     """
+    keep_freed_memory()
     from_command_line = args is None
     args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
     if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments

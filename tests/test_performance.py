@@ -233,3 +233,15 @@ def test_a_compiled_training_step_trains_the_same_weights(tmp_path):
         weights.append(_weights(Path(cli.trainer.log_dir) / "weights.pt"))
     for name in weights[0]:
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
+    from cis_lightning.allocator import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert not keep_freed_memory()  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("CIS_KEEP_FREED_MEMORY", "0")
+    assert not keep_freed_memory()
+    monkeypatch.delenv("CIS_KEEP_FREED_MEMORY")
+    assert keep_freed_memory()  # glibc (the test machines): mallopt accepts both values
