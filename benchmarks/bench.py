@@ -204,7 +204,7 @@ def memory_child(steps: int, save_dir: str) -> None:
             save_dir,
             "--trainer.callbacks+=__main__.RssProbe",
             "--trainer.callbacks.at",
-            json.dumps(sorted({steps // 10, steps // 2, steps})),
+            json.dumps(sorted({3 * steps // 10, 6 * steps // 10, 9 * steps // 10})),  # after the first validation
         ]
     )
 

@@ -7,16 +7,14 @@ batch on the device, so nothing is drawn on the host and nothing is copied to th
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from cis_lightning.errors import check_sizes, require
-from cis_lightning.evaluation import evaluation_probability, samples_for
+from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata
 from cis_lightning.mixing import Mixing
 from cis_lightning.task import Instance, Stream, Task, expand_grid
 
@@ -37,6 +35,27 @@ class _Steps(IterableDataset):
         return ((int(self.stream), step) for step in steps)
 
 
+class StratumBatch(NamedTuple):
+    """A validation or test batch: `size` samples with exactly `k` active features (`Task.sample_active`)."""
+
+    stream: int
+    k: int
+    step: int
+    size: int
+
+
+class _Strata(IterableDataset):
+    """This rank's share of the batches of a stratified evaluation plan (made when iterated)."""
+
+    def __init__(self, stream: Stream, plan: Callable[[], StrataPlan], split: Callable):
+        self.stream, self.plan, self.split = stream, plan, split
+
+    def __iter__(self) -> Iterator[StratumBatch]:
+        rank, world = self.split()
+        for k, step, size in self.plan().batches[rank::world]:
+            yield StratumBatch(int(self.stream), k, step, size)
+
+
 def select_shard(instances: list[Instance], shard: str | None) -> list[Instance]:
     """Instances i, i + N, i + 2N, ... for shard "i/N" (all for None)."""
     if shard is None:
@@ -55,6 +74,11 @@ class CCDataModule(pl.LightningDataModule):
     learn_sigma, mixing.<option>) to lists of values, and their cartesian product gives the
     instances. `batch_size` is the global batch, shared by all ranks. Evaluation uses about
     `eval_nonempty_samples` non-empty samples per instance.
+
+    Validation and test are stratified by the number of active features (`evaluation.plan_strata`):
+    the strata in `exact_strata` (the empty sample, and the single-feature one for a bias-free model;
+    the module sets it) are computed, the others get about `eval_nonempty_samples` samples in
+    proportion to their probability, in batches of at most `eval_batch_size`.
 
     `shard` "i/N" keeps instances i, i + N, i + 2N, ... of the grid: N runs with shards 0/N .. N-1/N
     (one per process, node or SLURM array task) train the whole sweep with no communication, and
@@ -93,6 +117,7 @@ class CCDataModule(pl.LightningDataModule):
         self.eval_nonempty_samples = eval_nonempty_samples
         self.eval_batch_size = eval_batch_size
         self.shard = shard
+        self.exact_strata: tuple[int, ...] = (0,)  # every model's empty-sample loss is one forward pass
         self.task = Task(select_shard(expand_grid(base, grid), shard), n_features, exactly_one_active)
 
     @property
@@ -107,17 +132,17 @@ class CCDataModule(pl.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         return self.trainer.global_rank, self.trainer.world_size
 
-    def eval_batches(self) -> int:
-        n_samples = samples_for(self.eval_nonempty_samples, self.task, evaluation_probability(self.task))
-        return math.ceil(n_samples / self.eval_batch_size)
+    def eval_plan(self) -> StrataPlan:
+        """The stratified evaluation of validate and test (the same plan on every rank)."""
+        ps = evaluation_probability(self.task)
+        return plan_strata(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata)
 
     def train_dataloader(self) -> DataLoader:
         # Starts at the trainer's step, so a resumed run continues the same stream.
         return DataLoader(_Steps(Stream.TRAIN, lambda: self.trainer.global_step), batch_size=None)
 
     def _eval_dataloader(self, stream: Stream) -> DataLoader:
-        steps = _Steps(stream, lambda: 0, self.eval_batches(), split=self._rank_and_world)
-        return DataLoader(steps, batch_size=None)
+        return DataLoader(_Strata(stream, self.eval_plan, self._rank_and_world), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader(Stream.VALIDATE)
@@ -126,9 +151,13 @@ class CCDataModule(pl.LightningDataModule):
         return self._eval_dataloader(Stream.TEST)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_dataloader(Stream.TEST)
+        # Predictions are of the input distribution itself: dense batches, empty samples included.
+        n_batches = -(-self.eval_plan().n_samples // self.eval_batch_size)
+        return DataLoader(_Steps(Stream.TEST, lambda: 0, n_batches, split=self._rank_and_world), batch_size=None)
 
-    def on_after_batch_transfer(self, batch: tuple[int, int], dataloader_idx: int) -> torch.Tensor:
+    def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:
+        if isinstance(batch, StratumBatch):  # validate, test: (k, x) with exactly k active features
+            return batch.k, self.task.sample_active(batch.k, batch.size, batch.step, Stream(batch.stream))
         stream, step = batch
         if stream == Stream.TRAIN:
             rank, world = self._rank_and_world()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -218,36 +219,103 @@ def evaluate(
 def _evaluate_stratified(
     model: CCModel, task: Task, n_nonempty: int, batch_size: int, stream: Stream, ps: list[float]
 ) -> Evaluation:
-    """sum_k w_k m_k with w_k = P(k active); variance sum_k w_k^2 s_k^2 / N_k over the sampled strata."""
-    n, device = task.n_features, task.mixing.device
-    weights = active_count_probability(task, ps)  # (K, n + 1)
-    zero = torch.zeros(task.n_instances, 1, n, device=device)
-    exact = {0: per_sample_loss(model, task, zero).double()[:, 0].cpu()}
-    if model.homogeneous:
-        exact[1] = single_feature_loss(model, task).cpu()
-    nonempty = weights[:, 1:].sum(dim=1, keepdim=True)
-    relevant = (weights / nonempty).amax(dim=0) >= _NEGLIGIBLE_STRATUM
-    sampled = [k for k in range(1, n + 1) if k not in exact and relevant[k]]
-    total = torch.zeros(task.n_instances, dtype=torch.float64)
-    variance = torch.zeros_like(total)
-    for k, w in exact.items():
-        total += weights[:, k] * w
-    n_drawn = 0
+    plan = plan_strata(task, ps, n_nonempty, batch_size, exact_strata(model))
+    metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
+    for k, step, size in plan.batches:
+        metric.update(k, per_sample_loss(model, task, task.sample_active(k, size, step, stream)))
+    lpf, err = metric.compute()
+    return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
+
+
+def exact_strata(model: CCModel) -> tuple[int, ...]:
+    """Numbers of active features whose conditional loss is computed, not sampled: the empty sample,
+    and the single-feature one for a homogeneous model (`single_feature_loss`)."""
+    return (0, 1) if model.homogeneous else (0,)
+
+
+@torch.no_grad()
+def exact_losses(model: CCModel, task: Task, strata: Sequence[int]) -> Tensor:
+    """E[loss | k active] (len(strata), K) for the exact strata k, in float64."""
+    zero = torch.zeros(task.n_instances, 1, task.n_features, device=task.mixing.device)
+    rows = {0: lambda: per_sample_loss(model, task, zero).double()[:, 0], 1: lambda: single_feature_loss(model, task)}
+    return torch.stack([rows[k]() for k in strata])
+
+
+@dataclasses.dataclass
+class StrataPlan:
+    """How a stratified evaluation spends its samples.
+
+    probability (K, n + 1): P(k active | p) per instance; `exact`: strata computed, not sampled;
+    `sampled`: strata sampled, those with a share of at least 1e-12 of the non-empty samples of some
+    instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k samples for stratum k
+    in proportion to its probability (the largest share over instances), at least 2.
+    """
+
+    probability: Tensor
+    feature_probability: list[float]
+    exact: tuple[int, ...]
+    sampled: list[int]
+    batches: list[tuple[int, int, int]]
+
+    @property
+    def n_samples(self) -> int:
+        return sum(size for _, _, size in self.batches)
+
+
+def plan_strata(
+    task: Task, feature_probability: list[float], n_nonempty: int, batch_size: int, exact: Sequence[int]
+) -> StrataPlan:
+    probability = active_count_probability(task, feature_probability)  # (K, n + 1)
+    nonempty = probability[:, 1:].sum(dim=1, keepdim=True)
+    relevant = (probability / nonempty).amax(dim=0) >= _NEGLIGIBLE_STRATUM
+    sampled = [k for k in range(1, task.n_features + 1) if k not in exact and relevant[k]]
+    batches = []
     if sampled:
-        # N_k proportional to w_k among the sampled strata (the largest share over instances), >= 2.
-        share = (weights[:, sampled] / weights[:, sampled].sum(dim=1, keepdim=True)).amax(dim=0)
+        share = (probability[:, sampled] / probability[:, sampled].sum(dim=1, keepdim=True)).amax(dim=0)
         for k, fraction in zip(sampled, share.tolist(), strict=True):
             count = max(2, math.ceil(n_nonempty * fraction))
-            sums = torch.zeros(2, task.n_instances, dtype=torch.float64, device=device)
-            for step, start in enumerate(range(0, count, batch_size)):
-                x = task.sample_active(k, min(batch_size, count - start), step, stream)
-                losses = per_sample_loss(model, task, x).double()
-                sums += torch.stack([losses.sum(dim=1), losses.pow(2).sum(dim=1)])
-            n_k = float(count)
-            mean, mean_sq = (sums[0] / n_k).cpu(), (sums[1] / n_k).cpu()
-            sample_variance = (mean_sq - mean.pow(2)).clamp_min(0) * n_k / (n_k - 1)
-            total += weights[:, k] * mean
-            variance += weights[:, k].pow(2) * sample_variance / n_k
-            n_drawn += count
-    p = torch.tensor(ps, dtype=torch.float64)
-    return Evaluation(total / p, variance.sqrt() / p, n_drawn)
+            batches += [
+                (k, step, min(batch_size, count - start)) for step, start in enumerate(range(0, count, batch_size))
+            ]
+    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches)
+
+
+class StratifiedLossPerFeature(Metric):
+    """L / p per instance with its standard error from a stratified evaluation (`plan_strata`).
+
+    L = sum_k P(k) m_k over the exact strata (their m_k given) and the sampled ones (m_k the mean of
+    the stratum's samples); variance sum_k P(k)^2 s_k^2 / N_k over the sampled strata. The running
+    sums are torchmetrics states, so ranks that drew different batches of the plan add them up.
+    update(k, (K, B) losses) never syncs with the host; compute() returns (2, K): L / p and stderr.
+    """
+
+    full_state_update = False
+
+    def __init__(self, plan: StrataPlan, exact: Tensor):
+        super().__init__()
+        k, s = plan.probability.shape[0], len(plan.sampled)
+        self._row = {stratum: i for i, stratum in enumerate(plan.sampled)}
+        probability = plan.probability.to(torch.float64)
+        exact_part = (probability[:, list(plan.exact)].T * exact.to(probability)).sum(dim=0)  # (K,)
+        self.register_buffer("exact_part", exact_part, persistent=False)
+        self.register_buffer("weight", probability[:, plan.sampled].T.contiguous(), persistent=False)  # (S, K)
+        self.register_buffer("p", torch.tensor(plan.feature_probability, dtype=torch.float64), persistent=False)
+        for name in ("total", "total_sq"):
+            self.add_state(name, default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(s, dtype=torch.float64), dist_reduce_fx="sum")
+        if not plan.sampled:  # every stratum exact: compute() needs no update (torchmetrics would warn)
+            self._update_count = 1
+
+    def update(self, stratum: int, losses: Tensor) -> None:
+        i, losses = self._row[stratum], losses.double()
+        self.total[i] += losses.sum(dim=1)
+        self.total_sq[i] += losses.pow(2).sum(dim=1)
+        self.count[i] += losses.shape[1]
+
+    def compute(self) -> Tensor:
+        count = self.count[:, None].clamp_min(1)
+        mean = self.total / count
+        variance = (self.total_sq / count - mean.pow(2)).clamp_min(0) * count / (count - 1).clamp_min(1)
+        total = self.exact_part + (self.weight * mean).sum(dim=0)
+        stderr = (self.weight.pow(2) * variance / count).sum(dim=0).sqrt()
+        return torch.stack([total / self.p, stderr / self.p])

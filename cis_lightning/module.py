@@ -15,9 +15,10 @@ from torch import Tensor
 
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.evaluation import (
-    LossPerFeature,
+    StratifiedLossPerFeature,
     evaluate,
-    evaluation_probability,
+    exact_losses,
+    exact_strata,
     naive_loss_per_feature,
     per_sample_loss,
 )
@@ -101,7 +102,7 @@ class CCModule(pl.LightningModule):
             require(0 < q <= 1, "model.test_feature_probabilities", f"every p must be in (0, 1], got {q}")
         self.test_feature_probabilities = list(test_feature_probabilities or [])
         self.task: Task | None = None
-        self._eval_metric: LossPerFeature | None = None
+        self._eval_metric: StratifiedLossPerFeature | None = None
         # compile: the training loss (forward and backward) through torch.compile, compiled on the
         # first step. The sampler stays eager (inductor cannot print SplitMix64's 64-bit constants).
         require(isinstance(compile, bool), "model.compile", f"must be true or false, got {compile!r}")
@@ -144,6 +145,8 @@ class CCModule(pl.LightningModule):
                 raise ConfigError("model.init_from", f"{self.init_from} does not fit this network: {problem}") from None
         # Hand-made baselines build their weights from the task (M, p) here; trained models ignore it.
         self.network.fit_to(self.task)
+        # Validation and test compute these strata instead of sampling them (homogeneous models: k = 1 too).
+        datamodule.exact_strata = exact_strata(self.network)
 
     # -- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -253,10 +256,13 @@ class CCModule(pl.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _start_eval(self) -> None:
-        self._eval_metric = LossPerFeature(evaluation_probability(self.task)).to(self.device)
+        plan = self.trainer.datamodule.eval_plan()
+        exact = exact_losses(self.network, self.task, plan.exact)
+        self._eval_metric = StratifiedLossPerFeature(plan, exact).to(self.device)
 
-    def _eval_step(self, x: Tensor) -> None:
-        self._eval_metric.update(per_sample_loss(self.network, self.task, x))
+    def _eval_step(self, batch: tuple[int, Tensor]) -> None:
+        k, x = batch  # x has exactly k active features per sample (CCDataModule.on_after_batch_transfer)
+        self._eval_metric.update(k, per_sample_loss(self.network, self.task, x))
 
     def _finish_eval(self, prefix: str) -> tuple[Tensor, Tensor]:
         lpf, stderr = self._eval_metric.compute()  # sums over ranks
@@ -276,8 +282,8 @@ class CCModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
 
-    def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        self._eval_step(x)
+    def validation_step(self, batch: tuple[int, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
@@ -285,8 +291,8 @@ class CCModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_eval()
 
-    def test_step(self, x: Tensor, batch_idx: int) -> None:
-        self._eval_step(x)
+    def test_step(self, batch: tuple[int, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         lpf, stderr = self._finish_eval("test")

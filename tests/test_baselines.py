@@ -169,4 +169,4 @@ def test_cis_test_evaluates_a_baseline_from_its_config_alone(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert row["model"] == "Naive"
     lpf, stderr = float(row["loss_per_feature"]), float(row["loss_per_feature_stderr"])
-    assert abs(lpf - (N - H) / N / 6) <= 4 * stderr + 1e-9
+    assert abs(lpf - (N - H) / N / 6) <= 4 * stderr + 1e-7  # exact strata: float32 rounding only

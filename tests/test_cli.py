@@ -52,6 +52,27 @@ def test_test_from_a_checkpoint_alone_writes_results_csv(tiny, capsys):
     assert "L/p" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("network", ["MLP", "ResidualMLP"])
+def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network):
+    """`cis test` runs evaluation.evaluate's plan through Lightning's test loop: the same strata, the
+    same batches, so the same L / p and stderr; a model with biases samples the one-feature stratum too."""
+    from cis_lightning.evaluation import evaluate
+    from cis_lightning.task import Stream
+
+    extra = ["--model.network", network, "--model.network.init_args.d_mlp", "50"]
+    if network == "MLP":  # with biases: nothing but the empty sample is exact
+        extra += ["--model.network.init_args.hidden_bias", "true"]
+    fit = run(["fit", *tiny(steps=10), *extra])
+    checkpoint = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    test = run(["test", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    row = read_results(Path(test.trainer.log_dir) / "results.csv")[0]
+    module, data = test.model, test.datamodule
+    assert data.exact_strata == ((0,) if network == "MLP" else (0, 1))
+    expected = evaluate(module.network, module.task, data.eval_nonempty_samples, data.eval_batch_size, Stream.TEST)
+    assert float(row["loss_per_feature"]) == pytest.approx(float(expected.loss_per_feature[0]), rel=1e-6)
+    assert float(row["loss_per_feature_stderr"]) == pytest.approx(float(expected.stderr[0]), rel=1e-6)
+
+
 def test_test_evaluates_the_matrices_saved_in_the_checkpoint(tiny):
     """A checkpoint's M wins over the one the config would draw (e.g. after a code change)."""
     fit = run(["fit", *tiny()])
