@@ -268,6 +268,8 @@ class ResidualMLP(CCModel):
     def readout(self) -> tuple[Tensor, None]:
         """[B_1, ..., B_L] (K, n, L h), B_l = W_E W_out_l."""
         k, n = self.n_instances, self.n_features
+        if self.n_layers == 1:  # one batched product, no broadcast over layers
+            return torch.bmm(self.w_embed, self.w_out[:, 0]), None
         return (self.w_embed[:, None] @ self.w_out).permute(0, 2, 1, 3).reshape(k, n, -1), None
 
     def hidden_weight(self) -> Tensor | None:
