@@ -105,7 +105,9 @@ class _OneLayerLoss(torch.autograd.Function):
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
         value, relu_value = entries.value, entries.value.relu()
-        h = entries.sum_by_row(a.transpose(1, 2).reshape(k * n, m), value).relu_().view(k, -1, m)  # (K, B + 1, m)
+        h = (
+            entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
+        )  # (K, B + 1, m)
         q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x)
         u = None
         if r is None:
@@ -113,7 +115,7 @@ class _OneLayerLoss(torch.autograd.Function):
             u_sq.index_add_(0, entries.row, relu_value.square())
         else:
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
-            u = entries.sum_by_row(r.transpose(1, 2).reshape(k * n, n), value)  # R x
+            u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.row * n + entries.feature % n, relu_value)  # + ReLU(x)
             u_sq = u.square().sum(dim=1)
         q = q.view(k, -1, m)

@@ -245,3 +245,38 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_chose(monkeypat
     assert not keep_freed_memory()
     monkeypatch.delenv("CIS_KEEP_FREED_MEMORY")
     assert keep_freed_memory()  # glibc (the test machines): mallopt accepts both values
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operations (kernels, on a GPU) dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("network", ["mlp", "residual"])
+def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(network):
+    """Instances are batched, never looped: draw, loss and backward of K = 16 dispatch exactly the
+    operations of K = 1 (on a GPU, where a step costs launches, a sweep then costs no more launches)."""
+
+    def step_ops(k: int) -> list[str]:
+        seeds = list(range(k))
+        model = NETWORKS[network]().__class__(
+            **({"n_features": 30, "d_mlp": 8} if network == "mlp" else {"n_features": 30, "d_embed": 80, "d_mlp": 8}),
+            seeds=seeds,
+        )
+        task = Task([Instance(0.05, sigma=0.1, mixing=Mixing("gaussian", symmetric=True), seed=s) for s in seeds], 30)
+        with _OpCounter() as counter:
+            x = task.draw(256, step=7)
+            per_sample_loss(model, task, x).mean(dim=1).sum().backward()
+        return counter.ops
+
+    step_ops(1)  # first calls fill caches (the counters of a batch size)
+    one, sixteen = step_ops(1), step_ops(16)
+    assert len(one) > 10
+    assert sixteen == one
