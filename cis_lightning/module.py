@@ -70,6 +70,13 @@ class CCModule(pl.LightningModule):
 
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
+
+    `sigma_lr`: the learning rate of a learned sigma (data.learn_sigma; None: `lr`), in its own
+    param group with no weight decay, annealed by the same cosine (and per-instance schedule). Adam
+    moves a parameter by about its learning rate per step whatever its gradient's scale, so at
+    lr = 3e-3 a sigma of 0.03 falls below 0.008 within 25 steps, before the network uses M; for a
+    Gaussian M it recovers only after thousands of steps (README, "Learned sigma"). A smaller
+    sigma_lr keeps sigma near its value while the network learns.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class CCModule(pl.LightningModule):
         init_from: str | None = None,
         test_feature_probabilities: list[float] | None = None,
         compile: bool = False,
+        sigma_lr: float | None = None,
     ):
         super().__init__()
         require(
@@ -93,8 +101,14 @@ class CCModule(pl.LightningModule):
             "model.weight_decay",
             f"must be a number >= 0, got {weight_decay!r}",
         )
+        require(
+            sigma_lr is None or (isinstance(sigma_lr, (int, float)) and math.isfinite(sigma_lr) and sigma_lr > 0),
+            "model.sigma_lr",
+            f"must be a number > 0 or null (the model's lr), got {sigma_lr!r}",
+        )
         self.network = network
         self.lr = lr
+        self.sigma_lr = lr if sigma_lr is None else sigma_lr
         self.weight_decay = weight_decay
         self.equal_nonempty_samples = equal_nonempty_samples
         self.init_from = init_from
@@ -156,7 +170,9 @@ class CCModule(pl.LightningModule):
         )
         groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
         if self.task.sigma.requires_grad:
-            groups.append({"params": [self.task.sigma], "weight_decay": 0.0})
+            # CosineAnnealingLR scales each group from its own initial lr; optimizer_step's
+            # per-instance factor lr_k(t) / lr(t) is the same for both groups.
+            groups.append({"params": [self.task.sigma], "lr": self.sigma_lr, "weight_decay": 0.0})
         # fused: one kernel for all parameters (torch >= 2.4 on CPU and CUDA), the same update as the loop.
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=0.0)

@@ -527,11 +527,14 @@ FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 1
         "--data.batch_size", "1024",
         "--data.grid", f'{{"mixing.symmetric": [true, false], "sigma": {FAST_SIGMAS}}}',
     ],
-    "sparsity_regimes": ["--trainer.max_steps", "4000"],
-    "mixing_comparison": ["--trainer.max_steps", "1500"],
+    # Every p for the same 10,000 steps (not equal non-empty samples: the dense models would get 950 steps,
+    # too few to reach one feature per neuron; the full run gives them 10,000).
+    "sparsity_regimes": ["--trainer.max_steps", "10000", "--model.equal_nonempty_samples", "false"],
+    # 6,000 steps: a learned sigma first collapses and recovers once the network uses M (README, "Learned sigma").
+    "mixing_comparison": ["--trainer.max_steps", "6000"],
     "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
     "offset_baseline": ["--trainer.max_steps", "2000"],
-    "semi_nmf": ["--trainer.max_steps", "6000"],
+    "semi_nmf": ["--trainer.max_steps", "10000", "--data.batch_size", "2048"],  # the full schedule
     "rank_study": ["--trainer.max_steps", "1000"],
     "transplant": ["--trainer.max_steps", "1000"],
 }  # fmt: skip

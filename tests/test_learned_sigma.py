@@ -1,0 +1,97 @@
+"""A learned sigma (data.learn_sigma) trains in its own AdamW param group at model.sigma_lr, without weight decay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cis_lightning.main import main, run
+
+from .conftest import tiny_args
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")]
+
+
+def fit(tmp_path, steps: int, *extra: str):
+    return run(["fit", *tiny_args(tmp_path / "runs", steps=steps), "--data.learn_sigma", "true", *extra])
+
+
+def sigma_group(cli) -> dict:
+    (optimizer,) = cli.trainer.optimizers
+    (group,) = [g for g in optimizer.param_groups if any(p is cli.model.task.sigma for p in g["params"])]
+    assert group["params"] == [cli.model.task.sigma]  # nothing else trains at sigma's rate
+    return group
+
+
+def test_the_sigma_group_gets_sigma_lr_and_no_weight_decay(tmp_path):
+    cli = fit(tmp_path, 2, "--model.sigma_lr", "0.0002")
+    network, sigma = cli.trainer.optimizers[0].param_groups
+    assert sigma is sigma_group(cli)
+    assert (sigma["initial_lr"], sigma["weight_decay"]) == (0.0002, 0.0)
+    assert (network["initial_lr"], network["weight_decay"]) == (cli.model.lr, cli.model.weight_decay)
+
+
+def test_without_sigma_lr_sigma_trains_at_the_model_lr(tmp_path):
+    cli = fit(tmp_path, 2, "--model.lr", "0.002")
+    assert sigma_group(cli)["initial_lr"] == 0.002
+
+
+def adam_step_bound(t: int, beta1: float, beta2: float) -> float:
+    """max |m_hat_t| / sqrt(v_hat_t) over all gradient sequences g_1 .. g_t (eps only makes it smaller).
+
+    m_t = (1 - b1) sum_i b1^(t-i) g_i and v_t = (1 - b2) sum_i b2^(t-i) g_i^2; Cauchy-Schwarz with
+    weights b2^(t-i) gives |m_t| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2) * sqrt(sum_{j<t} (b1^2 / b2)^j),
+    and the bias corrections multiply it by sqrt(1 - b2^t) / (1 - b1^t). It is 1 at t = 1 and tends to
+    7.3 for the default betas: the "step of about lr" is the typical case, not the worst.
+    """
+    gamma = beta1**2 / beta2
+    moments = (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt((1 - gamma**t) / (1 - gamma))
+    return moments * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+
+
+def test_a_tiny_sigma_lr_bounds_how_far_sigma_moves(tmp_path):
+    """No weight decay, so |sigma_T - sigma_0| <= sum_t lr_t * bound_t with the cosine lr_t over the T steps."""
+    steps, sigma_lr, start = 30, 1e-6, 0.03
+    cli = fit(tmp_path, steps, "--model.sigma_lr", str(sigma_lr), "--data.sigma", str(start))
+    beta1, beta2 = sigma_group(cli)["betas"]
+    lr = [sigma_lr * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]  # step t + 1 uses lr[t]
+    bound = sum(lr_t * adam_step_bound(t + 1, beta1, beta2) for t, lr_t in enumerate(lr))
+    # About max_steps * sigma_lr: sum(lr) = sigma_lr (T + 1) / 2, and in the first 30 steps the bias
+    # correction sqrt(1 - b2^t) keeps bound_t <= 1.3 (it grows to 2.2 at t = 100, 7.3 in the limit).
+    assert bound <= steps * sigma_lr
+    moved = abs(float(cli.model.task.sigma.detach()[0]) - start)
+    assert 0 < moved <= bound, (moved, bound)
+
+
+def test_an_instance_with_a_shorter_schedule_trains_sigma_like_a_run_of_that_length(tmp_path):
+    """equal_nonempty_samples scales every group's update by lr_k(t) / lr(t): the sigma group's too."""
+    n, steps = 5, 20
+    t_dense = round(steps * (1 - 0.75**n))  # q(0.25) / q(1), q(1) = 1
+    common = [
+        *tiny_args(tmp_path / "runs", "configs/mlp_gaussian.yaml"),
+        "--data.n_features", str(n),
+        "--model.network.init_args.d_mlp", "3",
+        "--data.learn_sigma", "true",
+        "--model.sigma_lr", "0.001",
+    ]  # fmt: skip
+    pair = run(["fit", *common, "--trainer.max_steps", str(steps), "--model.equal_nonempty_samples", "true",
+                "--data.grid", '{"feature_probability": [0.25, 1.0]}'])  # fmt: skip
+    sparse = run(["fit", *common, "--trainer.max_steps", str(steps), "--data.feature_probability", "0.25"])
+    dense = run(["fit", *common, "--trainer.max_steps", str(t_dense), "--data.feature_probability", "1.0"])
+    both = pair.model.task.sigma.detach()
+    assert both[0] != both[1]
+    torch.testing.assert_close(both[0:1], sparse.model.task.sigma.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(both[1:2], dense.model.task.sigma.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.001", "abc"])
+def test_a_bad_sigma_lr_is_one_line_naming_the_field(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *tiny_args(tmp_path / "runs"), "--data.learn_sigma", "true", "--model.sigma_lr", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()], err
+    assert err.startswith("cis: error: model.sigma_lr: "), err
+    assert not (tmp_path / "runs").exists()
