@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from cis_lightning.main import main, run
+from cis_lightning.main import run
 
 from .conftest import tiny_args
+from .test_bad_input import assert_fails_cleanly
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")]
 
@@ -88,10 +89,5 @@ def test_an_instance_with_a_shorter_schedule_trains_sigma_like_a_run_of_that_len
 
 @pytest.mark.parametrize("value", ["0", "-0.001", "abc"])
 def test_a_bad_sigma_lr_is_one_line_naming_the_field(value, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", *tiny_args(tmp_path / "runs"), "--data.learn_sigma", "true", "--model.sigma_lr", value])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.strip()] == [err.strip()], err
-    assert err.startswith("cis: error: model.sigma_lr: "), err
-    assert not (tmp_path / "runs").exists()
+    args = ["fit", *tiny_args(tmp_path / "runs"), "--data.learn_sigma", "true", "--model.sigma_lr", value]
+    assert_fails_cleanly(args, tmp_path / "runs", capsys, "model.sigma_lr", "")
