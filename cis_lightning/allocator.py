@@ -4,8 +4,9 @@ A training step of K instances allocates and frees tensors of K (B + 1) m floats
 at K = 16, B = 2048, m = 50). glibc's malloc hands blocks above M_MMAP_THRESHOLD back to the system
 and trims a free heap top above M_TRIM_THRESHOLD, so every step faults its pages in again: at K = 16
 on the 2-core test machine that made the step much slower (`benchmarks/bench.py` measures both).
-`keep_freed_memory` raises both thresholds, as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would;
-peak memory is unchanged, the process just keeps what it has used. The `cis` command calls it;
+`keep_freed_memory` raises both thresholds, as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would.
+The price is resident memory: the process keeps what it has used (after the first validation of a default
+run about 600 MB instead of 400 MB; README, Performance). The `cis` command calls it;
 CIS_KEEP_FREED_MEMORY=0 in the environment turns it off.
 """
 

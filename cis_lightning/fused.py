@@ -19,7 +19,8 @@ and with s_b = 2 g_b / n for the incoming gradient g:
     dL/dR = W dT^T + sum_b s_b u_b x_b^T      (T = R^T W, dT the gradient at T)
 
 Only the active entries (row r_c, feature f_c, value v_c) of x are touched: embedding bags (a fused
-gather, scale and segment sum) over C ~ B n p entries. Row B of every instance collects the padding entries (value 0) and is dropped.
+gather, scale and segment sum) over C ~ B n p entries. Row B of every instance collects the padding
+entries (value 0) and is dropped.
 Tested against the dense autograd form in tests/test_performance.py.
 """
 
