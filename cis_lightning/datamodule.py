@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
 from cis_lightning.errors import check_sizes, require
-from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata
+from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata, samples_for
 from cis_lightning.mixing import Mixing
 from cis_lightning.task import Instance, Stream, Task, expand_grid
 
@@ -152,7 +152,8 @@ class CCDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         # Predictions are of the input distribution itself: dense batches, empty samples included.
-        n_batches = -(-self.eval_plan().n_samples // self.eval_batch_size)
+        n_samples = samples_for(self.eval_nonempty_samples, self.task, evaluation_probability(self.task))
+        n_batches = -(-n_samples // self.eval_batch_size)
         return DataLoader(_Steps(Stream.TEST, lambda: 0, n_batches, split=self._rank_and_world), batch_size=None)
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:

@@ -123,15 +123,6 @@ class CCModule(pl.LightningModule):
         self.compile = compile
         self._training_loss = torch.compile(per_sample_loss, dynamic=False) if compile else per_sample_loss
 
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning sets _current_fx_name around every hook call, dozens of times per step, and
-        # nn.Module.__setattr__ checks each value against parameters, buffers and submodules.
-        # A plain string needs none of that.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def setup(self, stage: str) -> None:
         # The data module owns the task (inputs, M, sigma); the module holds it so that the
         # optimizer trains a learned sigma and checkpoints carry M and sigma.

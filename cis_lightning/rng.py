@@ -19,9 +19,10 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+_MUL1_BITS, _MUL2_BITS = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MUL1 = _signed(0xBF58476D1CE4E5B9)
-_MUL2 = _signed(0x94D049BB133111EB)
+_MUL1 = _signed(_MUL1_BITS)
+_MUL2 = _signed(_MUL2_BITS)
 _LOW_BITS = {shift: (1 << (64 - shift)) - 1 for shift in (30, 27, 31, 11)}
 
 
@@ -41,8 +42,8 @@ def _mix64_int(value: int) -> int:
     """mix64 of one number on the host: the same 64 bits as the tensor version (as an unsigned int)."""
     mask = (1 << 64) - 1
     z = value & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * _MUL1_BITS) & mask
+    z = ((z ^ (z >> 27)) * _MUL2_BITS) & mask
     return z ^ (z >> 31)
 
 

@@ -137,3 +137,29 @@ def test_unknown_grid_key_is_refused():
     with pytest.raises(ConfigError) as error:
         expand_grid(Instance(), {"sigmas": [0.1]})
     assert error.value.field == "data.grid.sigmas"
+
+
+def test_the_kept_stream_key_follows_seeds_loaded_into_the_task():
+    """Task keeps the per-stream part of the key; loading other seeds (a checkpoint) must renew it."""
+    a, b = Task([Instance(seed=1)], 20), Task([Instance(seed=2)], 20)
+    before = a.sample(64, step=3)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a.sample(64, step=3), b.sample(64, step=3))
+    assert not torch.equal(before, b.sample(64, step=3))
+
+
+@pytest.mark.parametrize("one_active", [False, True])
+def test_predict_draws_dense_batches_of_the_input_distribution(one_active):
+    """predict covers about eval_nonempty_samples non-empty samples in dense batches, also where every
+    evaluation stratum is exact (exactly one active feature and a bias-free model)."""
+    import lightning.pytorch as pl
+
+    from cis_lightning.datamodule import CCDataModule
+
+    data = CCDataModule(n_features=20, exactly_one_active=one_active, eval_nonempty_samples=3000, eval_batch_size=1024)
+    data.exact_strata = (0, 1)
+    data.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    batches = [data.on_after_batch_transfer(b, 0) for b in data.predict_dataloader()]
+    n_samples = sum(x.shape[1] for x in batches)
+    expected = 3000 if one_active else 3000 / (1 - 0.99**20)
+    assert expected <= n_samples < expected + 1024
