@@ -118,6 +118,9 @@ class CCDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.shard = shard
         self.exact_strata: tuple[int, ...] = (0,)  # every model's empty-sample loss is one forward pass
+        # T_k: instance k's training batches are empty from step T_k on, where its learning rate is 0
+        # (the module sets it for equal_nonempty_samples), so that frozen instances cost no draws.
+        self.train_steps: list[int] | None = None
         self.task = Task(select_shard(expand_grid(base, grid), shard), n_features, exactly_one_active)
 
     @property
@@ -163,5 +166,8 @@ class CCDataModule(pl.LightningDataModule):
         if stream == Stream.TRAIN:
             rank, world = self._rank_and_world()
             # Sparse batches stay sparse: the loss never needs the dense (B, n) input (`per_sample_loss`).
-            return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world)
+            ps = None
+            if self.train_steps is not None and step >= min(self.train_steps):
+                ps = [i.feature_probability if step < t else 0.0 for i, t in zip(self.task.instances, self.train_steps)]
+            return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world, ps)
         return self.task.sample(self.eval_batch_size, step, Stream(stream))

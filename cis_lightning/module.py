@@ -59,7 +59,9 @@ class CCModule(pl.LightningModule):
     (`task.nonempty_steps`) with its own cosine schedule lr_k(t) = lr (1 + cos(pi t / T_k)) / 2 and
     is frozen from step T_k on (learning rate 0: AdamW then leaves it exactly unchanged, weight
     decay included). The sparsest instance runs the whole max_steps; instance k is the same model
-    as a one-instance run with max_steps = T_k. Frozen instances still cost compute.
+    as a one-instance run with max_steps = T_k. A frozen instance's training batches are empty (it
+    draws nothing, and the run's draw follows the densest instance still training), and the logged
+    train/loss averages over the instances still training.
 
     `init_from`: a checkpoint (Lightning .ckpt or weights.pt) whose network weights initialise this
     network before any stage (a resumed or tested checkpoint still overrides them); for fine-tuning
@@ -174,7 +176,10 @@ class CCModule(pl.LightningModule):
         max_steps = self.trainer.max_steps
         if not self.equal_nonempty_samples or self.task.exactly_one_active:
             return [max_steps] * self.task.n_instances
-        return nonempty_steps(max_steps, [i.feature_probability for i in self.task.instances], self.task.n_features)
+        if getattr(self, "_steps_for", (None,))[0] != max_steps:  # asked every step: kept per max_steps
+            ps = [i.feature_probability for i in self.task.instances]
+            self._steps_for = (max_steps, nonempty_steps(max_steps, ps, self.task.n_features))
+        return self._steps_for[1]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         steps = self.instance_steps()
@@ -199,6 +204,9 @@ class CCModule(pl.LightningModule):
         if self._logging_this_step():
             self._stop_if_diverged()
             p = self.task.feature_probability.to(losses)
+            training = [k for k, t in enumerate(self.instance_steps()) if self.global_step < t]  # not frozen
+            if len(training) < self.task.n_instances:  # a frozen instance's batch is empty
+                losses, p = losses[training], p[training]
             # Not prog_bar: Lightning converts progress-bar values to numbers at every step's end,
             # long after they were logged, which is a host sync per step.
             self.log("train/loss", losses.mean(), on_step=True)
@@ -216,6 +224,8 @@ class CCModule(pl.LightningModule):
 
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        steps = self.instance_steps()
+        self.trainer.datamodule.train_steps = steps if len(set(steps)) > 1 else None
         # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device
         # tensor updated every step without a host sync, read only where the host syncs anyway:
         # logging steps, checkpoints and the end of training.

@@ -159,6 +159,7 @@ class Task(nn.Module):
         self.register_buffer("seeds", torch.tensor([i.seed for i in instances], dtype=torch.int64))
         self.register_buffer("learn_sigma", torch.tensor([i.learn_sigma for i in instances]))
         self._stream_bases: dict[int, tuple] = {}  # stream -> (seeds it was made from, their version, base)
+        self._probabilities: dict[tuple, Tensor] = {}  # (override p values, device) -> p (K,)
         learned = any(i.learn_sigma for i in instances)
         self.sigma = nn.Parameter(torch.tensor([float(i.sigma) for i in instances]), requires_grad=learned)
 
@@ -229,10 +230,16 @@ class Task(nn.Module):
             if feature_probability is None
             else list(feature_probability)
         )
-        p = torch.tensor(ps, device=device) if feature_probability is not None else self.feature_probability
+        p = self.feature_probability if feature_probability is None else self._probability(tuple(ps), device)
         if max(ps) <= _DENSE_ABOVE:
             return self._sparse(key, p, batch_size, local, rank, max(ps))
         return self._dense(key, p, torch.arange(rank * local, (rank + 1) * local, device=device))
+
+    def _probability(self, ps: tuple[float, ...], device: torch.device) -> Tensor:
+        """p (K,) on the device for override values; kept, so that a run's few overrides copy once."""
+        if (ps, device) not in self._probabilities:
+            self._probabilities[ps, device] = torch.tensor(ps, device=device)
+        return self._probabilities[ps, device]
 
     def _key(self, stream: int, step: int) -> Tensor:
         """rng.stream_key(seeds, stream, step); the per-stream part is kept until the seeds change."""
@@ -286,7 +293,8 @@ class Task(nn.Module):
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
         u = rng.uniform_first(key, 2 * count)  # (K, 2 count): the gaps, then the values
-        gaps = torch.floor(torch.log(u[:, :count]) / torch.log1p(-p.double())[:, None]).long()
+        # p = 0 (a frozen instance, `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries.
+        gaps = torch.floor(torch.log(u[:, :count]) / torch.log1p(-p.double())[:, None]).clamp(max=total).long()
         position = torch.cumsum(gaps + 1, dim=1) - 1  # global entry ids of the active entries
         values = (2 * u[:, count:] - 1).float()
         row = torch.div(position, n, rounding_mode="floor") - rank * local

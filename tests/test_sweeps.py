@@ -12,7 +12,7 @@ import yaml
 
 from cis_lightning import Instance, Mixing, expand_grid
 from cis_lightning.main import main, run
-from cis_lightning.task import grid_size, nonempty_steps
+from cis_lightning.task import SparseInput, Stream, grid_size, nonempty_steps
 
 from .conftest import REPO, tiny_args
 
@@ -127,6 +127,30 @@ def test_an_instance_with_its_own_shorter_schedule_equals_a_run_of_that_length(t
     for name in ("w_in", "w_out"):
         torch.testing.assert_close(both[name][0:1], weights(sparse)[name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(both[name][1:2], weights(dense)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_instance_draws_empty_training_batches(tmp_path):
+    """From T_k on, instance k's batch is empty and the others' is drawn at their own p (sparse again)."""
+    n, steps = 20, 30
+    pair = run([
+        "fit", *tiny_args(tmp_path / "runs", "configs/mlp_clean.yaml"),
+        "--data.n_features", str(n),
+        "--model.network.init_args.d_mlp", "5",
+        "--trainer.max_steps", str(steps),
+        "--model.equal_nonempty_samples", "true",
+        "--data.grid", '{"feature_probability": [0.05, 1.0]}',
+    ])  # fmt: skip
+    t_sparse, t_dense = pair.model.instance_steps()
+    assert t_sparse == steps > t_dense == round(steps * (1 - 0.95**n))
+    datamodule, task = pair.datamodule, pair.datamodule.task
+    before = datamodule.on_after_batch_transfer((int(Stream.TRAIN), t_dense - 1), 0)
+    assert isinstance(before, torch.Tensor) and torch.count_nonzero(before[1]) > 0  # dense while p = 1 trains
+    after = datamodule.on_after_batch_transfer((int(Stream.TRAIN), t_dense), 0)
+    assert isinstance(after, SparseInput)
+    dense = after.dense()
+    assert torch.count_nonzero(dense[1]) == 0
+    assert torch.equal(dense[0], task.sample(datamodule.batch_size, t_dense, feature_probability=[0.05, 0.0])[0])
+    assert torch.count_nonzero(dense[0]) > 0
 
 
 def test_a_fast_sigma_sweep_falls_with_sigma_before_rising(tmp_path):

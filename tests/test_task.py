@@ -74,6 +74,15 @@ def test_instance_draws_do_not_depend_on_the_other_instances():
     assert torch.equal(together[1], alone[0])
 
 
+@pytest.mark.parametrize("p", [0.01, 0.5])
+def test_an_instance_at_probability_zero_draws_nothing_and_leaves_the_others_alone(p):
+    """A frozen instance of an equal-non-empty-samples run is drawn at p = 0 (`CCDataModule`)."""
+    pair = task(Instance(seed=5, feature_probability=p), Instance(seed=1, feature_probability=1.0))
+    x = pair.sample(1024, step=4, feature_probability=[p, 0.0])
+    assert torch.count_nonzero(x[1]) == 0
+    assert torch.equal(x[0], task(Instance(seed=5, feature_probability=p)).sample(1024, step=4)[0])
+
+
 def test_labels_are_relu_plus_sigma_m_x():
     t = task(Instance(sigma=0.5, mixing=Mixing(kind="gaussian")))
     x = t.sample(64, step=0)
