@@ -459,19 +459,43 @@ SECTIONS = {
 }
 
 
+def _timing_records(path: Path) -> list[dict]:
+    """The invocations recorded in a reproduce.json (older files hold one record, not a list)."""
+    data = json.loads(path.read_text())
+    return data["runs"] if "runs" in data else [data]
+
+
+def record_timing(root: Path, record: dict) -> Path:
+    """Add one `reproduce` invocation to ROOT/reproduce.json; it replaces earlier times of its experiments.
+
+    Experiments of one root may come from several invocations (`--only`, possibly run side by side).
+    """
+    path = root / "reproduce.json"
+    records = _timing_records(path) if path.is_file() else []
+    for earlier in records:
+        earlier["seconds"] = {k: v for k, v in earlier["seconds"].items() if k not in record["seconds"]}
+    records = [r for r in records if r["seconds"]] + [record]
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"runs": records}, indent=1))
+    partial.replace(path)  # never a half-written file
+    return path
+
+
 def _timing(directories: list[Path]) -> str:
-    """What `reproduce` recorded in ROOT/reproduce.json: the command, its settings and wall time."""
+    """What `reproduce` recorded in ROOT/reproduce.json: the commands, their settings and wall times."""
     notes = []
     for directory in directories:
         path = Path(directory) / "reproduce.json"
         if path.is_file():
-            info = json.loads(path.read_text())
-            timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
-            notes.append(
-                f"Produced by `{info['command']}` ({'fast schedules' if info['fast'] else 'full paper settings'}) "
-                f"in {info['total_seconds'] / 60:.1f} minutes on {info['threads']} CPU thread(s): {timing}."
-            )
-    return "\n\n".join(notes)
+            for info in _timing_records(path):
+                timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
+                notes.append(
+                    f"`{info['command']}` ({'fast schedules' if info['fast'] else 'full paper settings'}, "
+                    f"{info['threads']} CPU thread(s)): {timing}; {sum(info['seconds'].values()) / 60:.1f} minutes."
+                )
+    if len(notes) <= 1:
+        return "".join(f"Produced by {note}" for note in notes)
+    return "Produced by:\n\n" + "\n".join(f"- {note}" for note in notes)
 
 
 def write_report(directories: list[Path], output: Path, preamble: str = "") -> Path:
@@ -614,7 +638,7 @@ def main(args: list[str] | None = None) -> None:
             "seconds": seconds,
             "total_seconds": time.perf_counter() - start,
         }
-        (root / "reproduce.json").write_text(json.dumps(info, indent=1))
+        record_timing(root, info)
         print(f"report: {write_report([root], output)}")
         return
     parser = argparse.ArgumentParser(

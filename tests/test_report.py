@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cis_lightning.main import main, run
-from cis_lightning.report import NAIVE
+from cis_lightning.report import NAIVE, _timing, record_timing
 
 from .conftest import REPO, tiny_args
 
@@ -145,3 +145,22 @@ def test_experiment_configs_all_parse(capsys):
         "sparsity_regimes": 10,
         "transplant": 2,
     }
+
+
+def test_reproduce_timings_of_several_invocations_are_kept_and_a_rerun_replaces_its_experiments(tmp_path):
+    """`reproduce --only` run in parts (or side by side) records every part; the report lists them all."""
+
+    def record(command: str, seconds: dict[str, float]) -> dict:
+        return {"command": command, "fast": False, "threads": 1, "seconds": seconds, "total_seconds": 0.0}
+
+    record_timing(tmp_path, record("first", {"semi_nmf": 120.0, "transplant": 60.0}))
+    record_timing(tmp_path, record("second", {"sigma_sweep": 600.0}))
+    record_timing(tmp_path, record("third", {"transplant": 90.0}))
+    assert _timing([tmp_path]).splitlines() == [
+        "Produced by:",
+        "",
+        "- `first` (full paper settings, 1 CPU thread(s)): semi_nmf 120 s; 2.0 minutes.",
+        "- `second` (full paper settings, 1 CPU thread(s)): sigma_sweep 600 s; 10.0 minutes.",
+        "- `third` (full paper settings, 1 CPU thread(s)): transplant 90 s; 1.5 minutes.",
+    ]
+    assert not list(tmp_path.glob("*.partial"))
