@@ -168,6 +168,7 @@ class CCDataModule(pl.LightningDataModule):
             # Sparse batches stay sparse: the loss never needs the dense (B, n) input (`per_sample_loss`).
             ps = None
             if self.train_steps is not None and step >= min(self.train_steps):
-                ps = [i.feature_probability if step < t else 0.0 for i, t in zip(self.task.instances, self.train_steps)]
+                pairs = zip(self.task.instances, self.train_steps, strict=True)
+                ps = [instance.feature_probability if step < t else 0.0 for instance, t in pairs]
             return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world, ps)
         return self.task.sample(self.eval_batch_size, step, Stream(stream))

@@ -142,6 +142,16 @@ def _below(a: dict, b: float | dict, sigmas: float = 2.0) -> bool:
     return a["loss_per_feature"] + sigmas * math.hypot(a["loss_per_feature_stderr"], b_err) < b_value
 
 
+# "No better than naive" is a claim about effect size: the mixing matrices the paper studies gain 10-20%
+# over naive, so a model within 1% of it (beyond 2 standard errors) counts as no better.
+NO_BETTER_WITHIN = 0.01
+
+
+def _no_better(a: dict, reference: float) -> bool:
+    """a's L/p is not below (1 - NO_BETTER_WITHIN) x reference by more than 2 standard errors."""
+    return not _below(a, (1 - NO_BETTER_WITHIN) * reference)
+
+
 def _crossover(rows_by_p: list[dict]) -> tuple[str, bool, str] | None:
     """The claim 'beats naive at small evaluation p, loses to it at large p' for one model's results_by_p rows."""
     if len(rows_by_p) < 2:
@@ -276,9 +286,9 @@ def mixing_comparison(runs: list[Run], figures: Path) -> Section:
         clean, embed = by["none"], by["embedding"]
         claims.append(
             (
-                "With M = 0 the trained model is no better than naive at small p; with the embedding-like M it "
-                "beats naive",
-                not _below(clean, NAIVE) and _below(embed, NAIVE),
+                f"With M = 0 the trained model is no better than naive (within {NO_BETTER_WITHIN:.0%}) at small p; "
+                "with the embedding-like M it beats naive",
+                _no_better(clean, NAIVE) and _below(embed, NAIVE),
                 f"p = 0.01: clean {_lpf(clean)}, embedding-like {_lpf(embed)}, naive {NAIVE:.4f}",
             )
         )
@@ -372,8 +382,8 @@ def offset_baseline(runs: list[Run], figures: Path) -> Section:
         small = [r for r in trained.rows if r["p"] <= 0.01]
         claims.append(
             (
-                "With M = 0 the trained model is no better than naive at small p",
-                all(not _below(r, NAIVE) for r in small),
+                f"With M = 0 the trained model is no better than naive (within {NO_BETTER_WITHIN:.0%}) at small p",
+                all(_no_better(r, NAIVE) for r in small),
                 "; ".join(f"p = {r['p']:g}: {_lpf(r)}" for r in small) + f" (naive {NAIVE:.4f})",
             )
         )
@@ -462,7 +472,7 @@ SECTIONS = {
 def _timing_records(path: Path) -> list[dict]:
     """The invocations recorded in a reproduce.json (older files hold one record, not a list)."""
     data = json.loads(path.read_text())
-    return data["runs"] if "runs" in data else [data]
+    return data.get("runs", [data])
 
 
 def record_timing(root: Path, record: dict) -> Path:
@@ -558,7 +568,7 @@ FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 1
     "mixing_comparison": ["--trainer.max_steps", "6000"],
     "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
     "offset_baseline": ["--trainer.max_steps", "2000"],
-    "semi_nmf": ["--trainer.max_steps", "10000", "--data.batch_size", "2048"],  # the full schedule
+    "semi_nmf": [],  # the full schedule (exactly one active: the evaluation is exact and cheap)
     "rank_study": ["--trainer.max_steps", "1000"],
     "transplant": ["--trainer.max_steps", "1000"],
 }  # fmt: skip

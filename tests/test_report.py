@@ -164,3 +164,20 @@ def test_reproduce_timings_of_several_invocations_are_kept_and_a_rerun_replaces_
         "- `third` (full paper settings, 1 CPU thread(s)): transplant 90 s; 1.5 minutes.",
     ]
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(("clean", "verdict"), [(0.0830, "yes"), (0.0800, "**no**")])
+def test_no_better_than_naive_means_within_one_percent_of_it(tmp_path, clean, verdict):
+    """A clean model 0.4% below naive (far beyond its standard error) is no better; 4% below is better."""
+    rows = [
+        {"model": "MLP", "mixing": mixing, "sigma": 0.0, "configured_sigma": 0.0, "p": 0.01,
+         "loss_per_feature": lpf, "loss_per_feature_stderr": 1e-5}
+        for mixing, lpf in (("none", clean), ("embedding", 0.0666))
+    ]  # fmt: skip
+    write_run(tmp_path / "mixing_comparison" / "version_0", "mixing_comparison", rows)
+    main(["report", str(tmp_path), "--output", str(tmp_path / "report.md")])
+    claim = (
+        "With M = 0 the trained model is no better than naive (within 1%) at small p; "
+        "with the embedding-like M it beats naive"
+    )
+    assert f"| {verdict} |" in claim_line((tmp_path / "report.md").read_text(), claim)
