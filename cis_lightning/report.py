@@ -133,7 +133,12 @@ def _table(rows: list[dict], columns: list[str]) -> list[str]:
 
 
 def _lpf(row: dict) -> str:
-    return f"{row['loss_per_feature']:.4f} ± {row['loss_per_feature_stderr']:.4f}"
+    """L/p with its standard error to the error's first digit (4 to 6 decimals); exact values get 5."""
+    value, err = row["loss_per_feature"], row["loss_per_feature_stderr"]
+    if err == 0:
+        return f"{value:.5f} (exact)"
+    decimals = min(6, max(4, -math.floor(math.log10(err))))
+    return f"{value:.{decimals}f} ± {err:.{decimals}f}"
 
 
 def _below(a: dict, b: float | dict, sigmas: float = 2.0) -> bool:

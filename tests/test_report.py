@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cis_lightning.main import main, run
-from cis_lightning.report import NAIVE, _timing, record_timing
+from cis_lightning.report import NAIVE, _lpf, _timing, record_timing
 
 from .conftest import REPO, tiny_args
 
@@ -181,3 +181,11 @@ def test_no_better_than_naive_means_within_one_percent_of_it(tmp_path, clean, ve
         "with the embedding-like M it beats naive"
     )
     assert f"| {verdict} |" in claim_line((tmp_path / "report.md").read_text(), claim)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "shown"),
+    [(1e-4, "0.0770 ± 0.0001"), (3.6e-5, "0.07696 ± 0.00004"), (0.0, "0.07696 (exact)")],
+)
+def test_loss_is_shown_to_the_first_digit_of_its_standard_error(stderr, shown):
+    assert _lpf({"loss_per_feature": 0.0769587, "loss_per_feature_stderr": stderr}) == shown
