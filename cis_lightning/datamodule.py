@@ -36,12 +36,14 @@ class _Steps(IterableDataset):
 
 
 class StratumBatch(NamedTuple):
-    """A validation or test batch: `size` samples with exactly `k` active features (`Task.sample_active`)."""
+    """A validation or test batch: `size` samples with exactly `k` active features (`Task.sample_active`)
+    for `instances` (None: all)."""
 
     stream: int
     k: int
     step: int
     size: int
+    instances: tuple[int, ...] | None
 
 
 class _Strata(IterableDataset):
@@ -52,8 +54,9 @@ class _Strata(IterableDataset):
 
     def __iter__(self) -> Iterator[StratumBatch]:
         rank, world = self.split()
-        for k, step, size in self.plan().batches[rank::world]:
-            yield StratumBatch(int(self.stream), k, step, size)
+        plan = self.plan()
+        for k, step, size in plan.batches[rank::world]:
+            yield StratumBatch(int(self.stream), k, step, size, plan.instances[k])
 
 
 def select_shard(instances: list[Instance], shard: str | None) -> list[Instance]:
@@ -160,8 +163,9 @@ class CCDataModule(pl.LightningDataModule):
         return DataLoader(_Steps(Stream.TEST, lambda: 0, n_batches, split=self._rank_and_world), batch_size=None)
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:
-        if isinstance(batch, StratumBatch):  # validate, test: (k, x) with exactly k active features
-            return batch.k, self.task.sample_active(batch.k, batch.size, batch.step, Stream(batch.stream))
+        if isinstance(batch, StratumBatch):  # validate, test: (k, instances, x), k active features
+            x = self.task.sample_active(batch.k, batch.size, batch.step, Stream(batch.stream), batch.instances)
+            return batch.k, batch.instances, x
         stream, step = batch
         if stream == Stream.TRAIN:
             rank, world = self._rank_and_world()

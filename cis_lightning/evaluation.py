@@ -18,7 +18,7 @@ from torchmetrics import Metric
 from cis_lightning.errors import require
 from cis_lightning.fused import one_layer_loss
 from cis_lightning.models import CCModel
-from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, to_dense
+from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, select_instances, to_dense
 
 
 def naive_loss_per_feature(n_features: int, n_neurons: int) -> float:
@@ -222,9 +222,18 @@ def _evaluate_stratified(
     plan = plan_strata(task, ps, n_nonempty, batch_size, exact_strata(model))
     metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
     for k, step, size in plan.batches:
-        metric.update(k, per_sample_loss(model, task, task.sample_active(k, size, step, stream)))
+        instances = plan.instances[k]
+        x = task.sample_active(k, size, step, stream, instances)
+        metric.update(k, stratum_losses(model, task, x, instances), instances)
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
+
+
+def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, ...] | None) -> Tensor:
+    """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None)."""
+    if instances is not None:
+        model, task = select_instances(model, instances), select_instances(task, instances)
+    return per_sample_loss(model, task, x)
 
 
 def exact_strata(model: CCModel) -> tuple[int, ...]:
@@ -248,7 +257,9 @@ class StrataPlan:
     probability (K, n + 1): P(k active | p) per instance; `exact`: strata computed, not sampled;
     `sampled`: strata sampled, those with a share of at least 1e-12 of the non-empty samples of some
     instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k samples for stratum k
-    in proportion to its probability (the largest share over instances), at least 2.
+    in proportion to its probability (the largest share over instances), at least 2. `instances[k]`:
+    the instances that sample stratum k (those for which it is not negligible), None for all: a run
+    of p from 0.001 to 1 draws each stratum for the few instances it matters to, not for all K.
     """
 
     probability: Tensor
@@ -256,6 +267,7 @@ class StrataPlan:
     exact: tuple[int, ...]
     sampled: list[int]
     batches: list[tuple[int, int, int]]
+    instances: dict[int, tuple[int, ...] | None]
 
     @property
     def n_samples(self) -> int:
@@ -267,8 +279,9 @@ def plan_strata(
 ) -> StrataPlan:
     probability = active_count_probability(task, feature_probability)  # (K, n + 1)
     nonempty = probability[:, 1:].sum(dim=1, keepdim=True)
-    relevant = (probability / nonempty).amax(dim=0) >= _NEGLIGIBLE_STRATUM
-    sampled = [k for k in range(1, task.n_features + 1) if k not in exact and relevant[k]]
+    needs = probability / nonempty >= _NEGLIGIBLE_STRATUM  # (K, n + 1): instance k samples stratum s
+    sampled = [k for k in range(1, task.n_features + 1) if k not in exact and needs[:, k].any()]
+    instances = {k: None if needs[:, k].all() else tuple(needs[:, k].nonzero().flatten().tolist()) for k in sampled}
     batches = []
     if sampled:
         share = (probability[:, sampled] / probability[:, sampled].sum(dim=1, keepdim=True)).amax(dim=0)
@@ -277,7 +290,7 @@ def plan_strata(
             batches += [
                 (k, step, min(batch_size, count - start)) for step, start in enumerate(range(0, count, batch_size))
             ]
-    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches)
+    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches, instances)
 
 
 class StratifiedLossPerFeature(Metric):
@@ -286,7 +299,8 @@ class StratifiedLossPerFeature(Metric):
     L = sum_k P(k) m_k over the exact strata (their m_k given) and the sampled ones (m_k the mean of
     the stratum's samples); variance sum_k P(k)^2 s_k^2 / N_k over the sampled strata. The running
     sums are torchmetrics states, so ranks that drew different batches of the plan add them up.
-    update(k, (K, B) losses) never syncs with the host; compute() returns (2, K): L / p and stderr.
+    update(k, (K', B) losses, instances) never syncs with the host (instances: the plan's for k, None
+    for all K); compute() returns (2, K): L / p and stderr.
     """
 
     full_state_update = False
@@ -302,18 +316,19 @@ class StratifiedLossPerFeature(Metric):
         self.register_buffer("p", torch.tensor(plan.feature_probability, dtype=torch.float64), persistent=False)
         for name in ("total", "total_sq"):
             self.add_state(name, default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(s, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
         if not plan.sampled:  # every stratum exact: compute() needs no update (torchmetrics would warn)
             self._update_count = 1
 
-    def update(self, stratum: int, losses: Tensor) -> None:
+    def update(self, stratum: int, losses: Tensor, instances: Sequence[int] | None = None) -> None:
         i, losses = self._row[stratum], losses.double()
-        self.total[i] += losses.sum(dim=1)
-        self.total_sq[i] += losses.pow(2).sum(dim=1)
-        self.count[i] += losses.shape[1]
+        columns = slice(None) if instances is None else list(instances)
+        self.total[i, columns] += losses.sum(dim=1)
+        self.total_sq[i, columns] += losses.pow(2).sum(dim=1)
+        self.count[i, columns] += losses.shape[1]
 
     def compute(self) -> Tensor:
-        count = self.count[:, None].clamp_min(1)
+        count = self.count.clamp_min(1)
         mean = self.total / count
         variance = (self.total_sq / count - mean.pow(2)).clamp_min(0) * count / (count - 1).clamp_min(1)
         total = self.exact_part + (self.weight * mean).sum(dim=0)

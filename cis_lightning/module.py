@@ -21,6 +21,7 @@ from cis_lightning.evaluation import (
     exact_strata,
     naive_loss_per_feature,
     per_sample_loss,
+    stratum_losses,
 )
 from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import effective_rank
@@ -278,8 +279,8 @@ class CCModule(pl.LightningModule):
         self._eval_metric = StratifiedLossPerFeature(plan, exact).to(self.device)
 
     def _eval_step(self, batch: tuple[int, Tensor]) -> None:
-        k, x = batch  # x has exactly k active features per sample (CCDataModule.on_after_batch_transfer)
-        self._eval_metric.update(k, per_sample_loss(self.network, self.task, x))
+        k, instances, x = batch  # x: k active features per sample (CCDataModule.on_after_batch_transfer)
+        self._eval_metric.update(k, stratum_losses(self.network, self.task, x, instances), instances)
 
     def _finish_eval(self, prefix: str) -> tuple[Tensor, Tensor]:
         lpf, stderr = self._eval_metric.compute()  # sums over ranks

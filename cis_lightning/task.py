@@ -250,14 +250,24 @@ class Task(nn.Module):
             self._stream_bases[stream] = cached
         return rng.step_key(cached[2], step)
 
-    def sample_active(self, n_active: int, batch_size: int, step: int, stream: Stream = Stream.TEST) -> Tensor:
+    def sample_active(
+        self,
+        n_active: int,
+        batch_size: int,
+        step: int,
+        stream: Stream = Stream.TEST,
+        instances: Sequence[int] | None = None,
+    ) -> Tensor:
         """x (K, batch_size, n) with exactly `n_active` active features per sample: the input distribution
         conditional on the number of active features (a uniform subset, values uniform on [-1, 1]).
 
         For the stratified evaluation (`evaluation.evaluate`). Steps are keyed by (n_active, step).
+        `instances` draws only those (K' rows, each what it draws among all K).
         """
         n, k = self.n_features, n_active
         key = self._key(int(stream), k * 2**32 + step)[:, None, None]  # (K, 1, 1)
+        if instances is not None:
+            key = key[list(instances)]
         entries = torch.arange(batch_size * n, device=self.mixing.device).view(batch_size, n)
         if k <= _SEQUENTIAL_SUBSET:
             # The j-th feature is uniform among the n - j not yet chosen: r uniform in [0, n - j),
@@ -274,7 +284,7 @@ class Task(nn.Module):
         else:  # the top k of n uniform scores: a uniform k-subset
             feature = rng.uniform(key, entries).topk(k, dim=-1).indices  # (K, B, k)
         value = 2 * rng.uniform(key, batch_size * n + entries[:, :k]) - 1
-        x = torch.zeros(self.n_instances, batch_size, n, device=self.mixing.device)
+        x = torch.zeros(key.shape[0], batch_size, n, device=self.mixing.device)
         return x.scatter_(2, feature, value.float())
 
     def _dense(self, key: Tensor, p: Tensor, rows: Tensor) -> Tensor:
@@ -377,3 +387,35 @@ def to_dense(x: Tensor | SparseInput) -> Tensor:
 def times(x: Tensor | SparseInput, weight: Tensor) -> Tensor:
     """x @ weight^T (K, B, m) for x (K, B, n), dense or sparse, and weight (K, m, n)."""
     return x.times(weight) if isinstance(x, SparseInput) else torch.bmm(x, weight.transpose(1, 2))
+
+
+def select_instances(module: nn.Module, instances: Sequence[int]) -> nn.Module:
+    """A copy of a K-instance module (a model or the Task) that holds only `instances`, for evaluation.
+
+    Every parameter and buffer of the package's modules has the instance axis first; the copy holds
+    their rows `instances` (new tensors: changing them leaves the module alone) and shares the rest.
+    """
+    index = list(instances)
+    n_instances = module.n_instances
+
+    def rows(name: str, tensor: Tensor | None) -> Tensor | None:
+        if tensor is None:
+            return None
+        require(
+            tensor.dim() > 0 and tensor.shape[0] == n_instances,
+            "instances",
+            f"{type(module).__name__}.{name} has no instance axis first (shape {tuple(tensor.shape)})",
+        )
+        return tensor.detach()[index]
+
+    view = object.__new__(type(module))
+    view.__dict__ = dict(module.__dict__)
+    view._parameters = {name: rows(name, p) for name, p in module._parameters.items()}
+    view._buffers = {name: rows(name, b) for name, b in module._buffers.items()}
+    view._modules = {name: None if m is None else select_instances(m, index) for name, m in module._modules.items()}
+    if isinstance(module, Task):
+        view.instances = [module.instances[k] for k in index]
+        view._stream_bases, view._probabilities = {}, {}
+    elif "n_instances" in module.__dict__:
+        view.n_instances = len(index)
+    return view

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from cis_lightning.baselines import NaiveOffset, SemiNMF
 from cis_lightning.errors import ConfigError
 from cis_lightning.evaluation import (
     active_count_probability,
@@ -19,11 +20,13 @@ from cis_lightning.evaluation import (
     loss_per_feature_limit,
     naive_loss_per_feature,
     per_sample_loss,
+    plan_strata,
     single_feature_loss,
+    stratum_losses,
 )
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP, ResidualMLP
-from cis_lightning.task import Instance, Stream, Task
+from cis_lightning.task import Instance, Stream, Task, select_instances
 
 Z = 4.5
 
@@ -131,3 +134,43 @@ def test_stratum_weights_are_the_binomial_probabilities():
 def test_an_unknown_method_is_refused():
     with pytest.raises(ConfigError, match="method"):
         evaluate(MLP(n_features=5, d_mlp=2), Task([Instance()], 5), method="fast")
+
+
+def test_a_stratum_is_drawn_only_for_the_instances_it_matters_to():
+    """p = 0.01 and p = 1 share no stratum: the two-instance evaluation is each instance's own, exactly."""
+    n = 30
+    instances = [Instance(feature_probability=0.01), Instance(1.0, sigma=0.2, mixing=Mixing("gaussian"), seed=1)]
+    task = Task(instances, n)
+    plan = plan_strata(task, [0.01, 1.0], 5_000, 4096, exact=(0, 1))
+    assert plan.instances[n] == (1,)
+    assert all(plan.instances[k] == (0,) for k in plan.sampled if k < n)
+    together = evaluate(MLP(n_features=n, d_mlp=8, seeds=[0, 1]), task, n_nonempty=5_000, batch_size=4096)
+    for k, instance in enumerate(instances):
+        alone = evaluate(
+            MLP(n_features=n, d_mlp=8, seeds=[instance.seed]), Task([instance], n), n_nonempty=5_000, batch_size=4096
+        )
+        torch.testing.assert_close(together.loss_per_feature[k : k + 1], alone.loss_per_feature, rtol=1e-6, atol=0)
+        torch.testing.assert_close(together.stderr[k : k + 1], alone.stderr, rtol=1e-6, atol=0)
+    assert together.stderr[1] > 0  # the dense instance is sampled, not exact
+
+
+@pytest.mark.parametrize("network", ["MLP", "ResidualMLP", "NaiveOffset", "SemiNMF"])
+def test_a_selection_of_instances_computes_what_those_instances_compute_among_all(network):
+    n, seeds = 20, [0, 1, 2]
+    task = Task([Instance(feature_probability=0.05, sigma=0.1, mixing=Mixing("gaussian"), seed=s) for s in seeds], n)
+    model = {
+        "MLP": lambda: MLP(n_features=n, d_mlp=6, seeds=seeds, hidden_bias=True),
+        "ResidualMLP": lambda: ResidualMLP(n_features=n, d_mlp=6, d_embed=40, seeds=seeds),
+        "NaiveOffset": lambda: NaiveOffset(n_features=n, d_mlp=6, seeds=seeds, offset=0.01),
+        "SemiNMF": lambda: SemiNMF(n_features=n, d_mlp=6, seeds=seeds),
+    }[network]()
+    model.fit_to(task)
+    x = task.sample_active(3, 64, step=2)
+    chosen = (2, 0)
+    part = stratum_losses(model, task, task.sample_active(3, 64, step=2, instances=chosen), chosen)
+    torch.testing.assert_close(part, per_sample_loss(model, task, x)[list(chosen)])
+    view = select_instances(model, chosen)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    for t in view.state_dict().values():
+        t.add_(1.0)  # the selection holds copies
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
