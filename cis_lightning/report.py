@@ -573,7 +573,7 @@ FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 1
     "mixing_comparison": ["--trainer.max_steps", "6000"],
     "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
     "offset_baseline": ["--trainer.max_steps", "2000"],
-    "semi_nmf": [],  # the full schedule (exactly one active: the evaluation is exact and cheap)
+    "semi_nmf": ["--data.batch_size", "1024"],  # the full schedule (exactly one active: the evaluation is exact)
     "rank_study": ["--trainer.max_steps", "1000"],
     "transplant": ["--trainer.max_steps", "1000"],
 }  # fmt: skip
