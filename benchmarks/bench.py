@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,6 +90,14 @@ class RssProbe(pl.Callback):
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). getrusage's ru_maxrss is no good in a child:
+    Linux carries the parent's resident size at fork over the exec into it."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 # -- the reference: what the paper's code does, written plainly ----------------------------------------
@@ -214,8 +221,9 @@ def seeds_grid(k: int) -> list[str]:
 
 
 def memory_run(steps: int) -> tuple[float, list[dict]]:
-    """Peak RSS (MB) of a default `cis fit` of `steps` steps in a child process, and its RSS probes."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Peak RSS (MB) of a default `cis fit` of `steps` steps in a child process, and its RSS probes.
+
+    The child reports its own peak (`_peak_rss_mb`)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(steps), tmp],
@@ -223,9 +231,9 @@ def memory_run(steps: int) -> tuple[float, list[dict]]:
             text=True,
             check=True,
         )
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    probes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"step"')]
-    return max(peak, before) / 1024, probes
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    probes = [line for line in lines if "step" in line]
+    return next(line["peak_mb"] for line in lines if "peak_mb" in line), probes
 
 
 def k16_untuned(warmup: int, steps: int) -> float:
@@ -259,6 +267,7 @@ def memory_child(steps: int, save_dir: str) -> None:
             json.dumps(sorted({3 * steps // 10, 6 * steps // 10, 9 * steps // 10})),  # after the first validation
         ]
     )
+    print(json.dumps({"peak_mb": _peak_rss_mb()}), flush=True)
 
 
 # -- the table -----------------------------------------------------------------------------------------
