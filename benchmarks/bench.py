@@ -20,6 +20,7 @@ Medians over repeats after a warm-up. Timings live here, never in the test suite
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,19 +38,11 @@ import lightning.pytorch as pl
 import torch
 
 from cis_lightning.allocator import keep_freed_memory
-from cis_lightning.evaluation import (
-    StratifiedLossPerFeature,
-    evaluate,
-    exact_losses,
-    exact_strata,
-    per_sample_loss,
-    plan_strata,
-    stratum_losses,
-)
+from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, per_sample_loss, plan_strata
 from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
-from cis_lightning.task import Instance, Stream, Task
+from cis_lightning.task import Instance, Task
 
 REPO = Path(__file__).resolve().parents[1]
 N_FEATURES, D_MLP, BATCH, P = 100, 50, 2048, 0.01
@@ -206,13 +199,9 @@ def mixed_p_evaluation_seconds(n_nonempty: int, every_instance: bool) -> float:
     model = MLP(N_FEATURES, D_MLP, seeds=list(range(len(ps))))
     start = time.perf_counter()
     plan = plan_strata(task, ps, n_nonempty, 65536, exact_strata(model))
-    metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact))
-    with torch.no_grad():
-        for k, step, size in plan.batches:
-            instances = None if every_instance else plan.instances[k]
-            x = task.sample_active(k, size, step, Stream.TEST, instances)
-            metric.update(k, stratum_losses(model, task, x, instances), instances)
-    metric.compute()
+    if every_instance:
+        plan = dataclasses.replace(plan, instances=dict.fromkeys(plan.instances))
+    evaluate_plan(model, task, plan)
     return time.perf_counter() - start
 
 

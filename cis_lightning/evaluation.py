@@ -206,7 +206,7 @@ def evaluate(
     require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
     ps = evaluation_probability(task) if feature_probability is None else list(feature_probability)
     if method == "stratified":
-        return _evaluate_stratified(model, task, n_nonempty, batch_size, stream, ps)
+        return evaluate_plan(model, task, plan_strata(task, ps, n_nonempty, batch_size, exact_strata(model)), stream)
     n_batches = math.ceil(samples_for(n_nonempty, task, ps) / batch_size)
     metric = LossPerFeature(ps).to(task.mixing.device)
     for step in range(n_batches):
@@ -216,10 +216,9 @@ def evaluate(
     return Evaluation(lpf.cpu(), err.cpu(), n_batches * batch_size)
 
 
-def _evaluate_stratified(
-    model: CCModel, task: Task, n_nonempty: int, batch_size: int, stream: Stream, ps: list[float]
-) -> Evaluation:
-    plan = plan_strata(task, ps, n_nonempty, batch_size, exact_strata(model))
+@torch.no_grad()
+def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream = Stream.TEST) -> Evaluation:
+    """L / p and its standard error from the strata of `plan` (`plan_strata`)."""
     metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
     for k, step, size in plan.batches:
         instances = plan.instances[k]
