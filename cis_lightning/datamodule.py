@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from cis_lightning.errors import check_sizes, require
 from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata, samples_for
 from cis_lightning.mixing import Mixing
-from cis_lightning.task import Instance, Stream, Task, expand_grid
+from cis_lightning.task import Instance, Stream, Task, expand_grid, training_instances
 
 
 class _Steps(IterableDataset):
@@ -172,7 +172,7 @@ class CCDataModule(pl.LightningDataModule):
             # Sparse batches stay sparse: the loss never needs the dense (B, n) input (`per_sample_loss`).
             ps = None
             if self.train_steps is not None and step >= min(self.train_steps):
-                pairs = zip(self.task.instances, self.train_steps, strict=True)
-                ps = [instance.feature_probability if step < t else 0.0 for instance, t in pairs]
+                training = training_instances(self.train_steps, step)
+                ps = [i.feature_probability if k in training else 0.0 for k, i in enumerate(self.task.instances)]
             return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world, ps)
         return self.task.sample(self.eval_batch_size, step, Stream(stream))

@@ -26,7 +26,7 @@ from cis_lightning.evaluation import (
 from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
-from cis_lightning.task import Task, nonempty_steps
+from cis_lightning.task import Task, nonempty_steps, training_instances
 
 _NEVER = torch.iinfo(torch.int64).max
 
@@ -114,6 +114,7 @@ class CCModule(pl.LightningModule):
         self.sigma_lr = lr if sigma_lr is None else sigma_lr
         self.weight_decay = weight_decay
         self.equal_nonempty_samples = equal_nonempty_samples
+        self._steps_for: tuple[int | None, list[int]] = (None, [])  # (max_steps, T_k): `instance_steps`
         self.init_from = init_from
         for q in test_feature_probabilities or []:
             require(0 < q <= 1, "model.test_feature_probabilities", f"every p must be in (0, 1], got {q}")
@@ -177,7 +178,7 @@ class CCModule(pl.LightningModule):
         max_steps = self.trainer.max_steps
         if not self.equal_nonempty_samples or self.task.exactly_one_active:
             return [max_steps] * self.task.n_instances
-        if getattr(self, "_steps_for", (None,))[0] != max_steps:  # asked every step: kept per max_steps
+        if self._steps_for[0] != max_steps:  # asked every step: kept per max_steps
             ps = [i.feature_probability for i in self.task.instances]
             self._steps_for = (max_steps, nonempty_steps(max_steps, ps, self.task.n_features))
         return self._steps_for[1]
@@ -205,7 +206,7 @@ class CCModule(pl.LightningModule):
         if self._logging_this_step():
             self._stop_if_diverged()
             p = self.task.feature_probability.to(losses)
-            training = [k for k, t in enumerate(self.instance_steps()) if self.global_step < t]  # not frozen
+            training = training_instances(self.instance_steps(), self.global_step)
             if len(training) < self.task.n_instances:  # a frozen instance's batch is empty
                 losses, p = losses[training], p[training]
             # Not prog_bar: Lightning converts progress-bar values to numbers at every step's end,

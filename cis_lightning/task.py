@@ -136,6 +136,12 @@ def nonempty_steps(max_steps: int, feature_probability: Sequence[float], n_featu
     return [max(1, min(max_steps, round(max_steps * float(q.min() / q_k)))) for q_k in q]
 
 
+def training_instances(steps: Sequence[int], step: int) -> list[int]:
+    """The instances still training at `step`: instance k trains steps 0 .. T_k - 1 (`nonempty_steps`),
+    then is frozen (learning rate 0, and empty training batches)."""
+    return [k for k, t in enumerate(steps) if step < t]
+
+
 class Task(nn.Module):
     """Input distribution and labels of K instances.
 
@@ -395,9 +401,10 @@ def select_instances(module: nn.Module, instances: Sequence[int]) -> nn.Module:
     Every parameter and buffer of the package's modules has the instance axis first; the copy holds
     their rows `instances` (new tensors: changing them leaves the module alone) and shares the rest.
     """
-    index = list(instances)
-    n_instances = module.n_instances
+    return _select(module, list(instances), module.n_instances)
 
+
+def _select(module: nn.Module, index: list[int], n_instances: int) -> nn.Module:
     def rows(name: str, tensor: Tensor | None) -> Tensor | None:
         if tensor is None:
             return None
@@ -412,7 +419,7 @@ def select_instances(module: nn.Module, instances: Sequence[int]) -> nn.Module:
     view.__dict__ = dict(module.__dict__)
     view._parameters = {name: rows(name, p) for name, p in module._parameters.items()}
     view._buffers = {name: rows(name, b) for name, b in module._buffers.items()}
-    view._modules = {name: None if m is None else select_instances(m, index) for name, m in module._modules.items()}
+    view._modules = {name: m if m is None else _select(m, index, n_instances) for name, m in module._modules.items()}
     if isinstance(module, Task):
         view.instances = [module.instances[k] for k in index]
         view._stream_bases, view._probabilities = {}, {}

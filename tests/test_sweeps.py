@@ -12,7 +12,7 @@ import yaml
 
 from cis_lightning import Instance, Mixing, expand_grid
 from cis_lightning.main import main, run
-from cis_lightning.task import SparseInput, Stream, grid_size, nonempty_steps
+from cis_lightning.task import SparseInput, Stream, grid_size, nonempty_steps, training_instances
 
 from .conftest import REPO, tiny_args
 
@@ -107,6 +107,12 @@ def test_nonempty_steps_keep_the_non_empty_samples_equal():
     n = 10
     q = [1 - (1 - p) ** n for p in (0.05, 0.2, 1.0)]
     assert nonempty_steps(1000, [0.05, 0.2, 1.0], n) == [1000, round(1000 * q[0] / q[1]), round(1000 * q[0])]
+
+
+def test_an_instance_trains_steps_zero_to_its_own_count_minus_one():
+    assert training_instances([30, 10, 20], 9) == [0, 1, 2]
+    assert training_instances([30, 10, 20], 10) == [0, 2]
+    assert training_instances([30, 10, 20], 29) == [0]
 
 
 def test_an_instance_with_its_own_shorter_schedule_equals_a_run_of_that_length(tmp_path):
