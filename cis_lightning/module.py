@@ -127,6 +127,15 @@ class CCModule(pl.LightningModule):
         self.compile = compile
         self._training_loss = torch.compile(per_sample_loss, dynamic=False) if compile else per_sample_loss
 
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets _current_fx_name around every hook it calls, about 44 times a training step,
+        # and nn.Module's __setattr__ looks the name up among parameters, buffers and submodules each
+        # time (about 50 us a step in all). A plain string goes straight into the instance.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def setup(self, stage: str) -> None:
         # The data module owns the task (inputs, M, sigma); the module holds it so that the
         # optimizer trains a learned sigma and checkpoints carry M and sigma.

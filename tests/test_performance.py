@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cis_lightning import evaluation
+from cis_lightning import fused as fused_module
 from cis_lightning.evaluation import per_sample_loss
 from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
@@ -114,6 +115,58 @@ def test_the_sparse_loss_equals_the_dense_loss_in_value_and_gradients(network_na
         assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_drop_empty_rows_on_a_hand_made_batch():
+    # Instance 0: samples 0 (two entries) and 2, one padding entry; instance 1: sample 3 only.
+    x = SparseInput(
+        row=torch.tensor([[0, 0, 2, 4], [3, 4, 4, 4]]),
+        feature=torch.tensor([[1, 4, 0, 0], [2, 0, 0, 0]]),
+        value=torch.tensor([[0.5, -0.25, 1.0, 0.0], [0.75, 0.0, 0.0, 0.0]]),
+        batch_size=4,
+        n_features=5,
+    )
+    compact, rows = fused_module.drop_empty_rows(x)
+    assert compact.batch_size == 2  # the most non-empty samples of an instance
+    assert compact.row.tolist() == [[0, 0, 1, 2], [0, 2, 2, 2]]  # padding goes to row R = 2
+    assert rows.tolist() == [[0, 2], [3, 4]]  # instance 1's second row is filler: B
+    dense = x.dense()
+    assert torch.equal(compact.dense(), torch.stack([dense[0, [0, 2]], torch.stack([dense[1, 3], torch.zeros(5)])]))
+
+
+@pytest.mark.parametrize("p", [(0.1, 0.0), (0.0, 0.0), (0.15, 0.05)])
+def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch):
+    """Values and gradients of `fused.one_layer_loss` with and without dropping empty samples, with
+    an instance whose batch is empty (a frozen instance) and with every batch empty."""
+    model = _perturbed(NETWORKS["mlp"]())
+    task = TASKS["learned sigma, symmetric M"](False).double()
+    x = task.draw(64, step=2, rank=1, world_size=2, feature_probability=list(p))
+    x.value = x.value.double()
+    params = list(model.parameters()) + [task.sigma]
+    results = []
+    for devices in [("cpu",), ()]:
+        monkeypatch.setattr(fused_module, "DROP_EMPTY_ROWS_ON", devices)
+        loss = per_sample_loss(model, task, x)
+        weights = torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        results.append((loss, _gradients((weights * loss).sum(), params)))
+    (dropped, dropped_grads), (full, full_grads) = results
+    assert dropped.shape == full.shape == (2, 32)
+    assert torch.allclose(dropped, full, atol=1e-12)
+    for a, b in zip(dropped_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert (full[[k for k, q in enumerate(p) if q == 0]] == 0).all()
+
+
+def test_the_grouping_order_is_a_stable_sort_on_both_paths():
+    """`fused._grouping_order` (numpy's radix sort on a CPU, torch.sort beyond 2^15 groups): the
+    stable sort of the group ids, so each group's entries are contiguous and keep their order."""
+    group = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(0))
+    expected = torch.sort(group, stable=True).indices
+    for n_groups in (300, 2**15 + 1):
+        order = fused_module._grouping_order(group, n_groups)
+        assert torch.equal(order.long(), expected)
+    hand = torch.tensor([2, 0, 2, 1, 0])  # a hand-sorted case: groups 0 at 1, 4; 1 at 3; 2 at 0, 2
+    assert fused_module._grouping_order(hand, 3).tolist() == [1, 4, 3, 0, 2]
+
+
 @pytest.mark.parametrize("network_name", ["mlp", "tied mlp", "residual"])
 @pytest.mark.parametrize("rank", [0, 2])
 def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_loss(network_name, rank, monkeypatch):
@@ -139,8 +192,9 @@ def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_lo
 
 
 # -- the Lightning training step ------------------------------------------------------------------------
-# Every way a tensor's value reaches Python (on a GPU each one waits for the device).
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# Every way a tensor's value reaches Python (on a GPU each one waits for the device). Not `numpy`:
+# on a device tensor it raises rather than waits, and CPU-only fast paths use it (fused._grouping_order).
+SYNCING = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
 SYNCS = {"count": 0}
 
 
@@ -166,6 +220,8 @@ def _callback(cli, kind: type) -> pl.Callback:
 
 
 def test_training_steps_that_do_not_log_make_no_host_sync(monkeypatch, tiny):
+    # The path a GPU takes: the CPU's loss drops empty samples, which reads their count on the host.
+    monkeypatch.setattr(fused_module, "DROP_EMPTY_ROWS_ON", ())
     for name in SYNCING:
         original = getattr(torch.Tensor, name)
 
