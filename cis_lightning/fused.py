@@ -32,7 +32,6 @@ from torch import Tensor
 
 from cis_lightning.task import SparseInput
 
-
 # Device types where `one_layer_loss` drops empty samples first (it reads their count on the host).
 DROP_EMPTY_ROWS_ON = ("cpu",)
 
@@ -48,7 +47,8 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Te
     in place. Elsewhere that would cost a host sync (the count sets a shape), so all rows run.
     """
     batch_size, rows = x.batch_size, None
-    if x.row.device.type in DROP_EMPTY_ROWS_ON:
+    # Not under torch.compile either: a new row count every step would recompile every step.
+    if x.row.device.type in DROP_EMPTY_ROWS_ON and not torch.compiler.is_compiling():
         x, rows = drop_empty_rows(x)
     k, n = a.shape[0], a.shape[2]
     instance = torch.arange(k, device=a.device)[:, None]
@@ -65,9 +65,9 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Te
 def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
     """x without its empty samples, and where each of its rows came from.
 
-    Returns the compact input (K, R, n) with R the most non-empty samples of any instance (an
-    instance with fewer has empty filler rows at the end), and rows (K, R): the sample of x that
-    each compact row is, or B for filler. Reads R on the host (a sync on a GPU).
+    Returns the compact input (K, R, n) with R the most non-empty samples of any instance rounded up
+    to a multiple of 64 (an instance with fewer has empty filler rows at the end), and rows (K, R):
+    the sample of x that each compact row is, or B for filler. Reads R on the host (a sync on a GPU).
     """
     k, b = x.row.shape[0], x.batch_size
     row = x.row  # (K, C), sorted per instance; padding entries have row B and come last
@@ -76,7 +76,8 @@ def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
     first[:, 1:] = row[:, 1:] != row[:, :-1]
     first &= real  # the first entry of every non-empty sample
     compact_row = torch.cumsum(first, dim=1) - 1
-    n_rows = int(first.sum(dim=1).max()) if row.numel() else 0
+    # R rounded up to a multiple of 64 (at most B): a few shapes recur, so freed blocks fit again.
+    n_rows = min(b, -(-int(first.sum(dim=1).max()) // 64) * 64) if row.numel() else 0
     compact_row = torch.where(real, compact_row, n_rows)  # padding stays padding: row R
     rows = torch.full((k, n_rows + 1), b, dtype=row.dtype, device=row.device)
     rows.scatter_(1, torch.where(first, compact_row, n_rows), torch.where(first, row, b))

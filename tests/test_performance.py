@@ -7,6 +7,7 @@ the same weights).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from pathlib import Path
 
@@ -125,11 +126,20 @@ def test_drop_empty_rows_on_a_hand_made_batch():
         n_features=5,
     )
     compact, rows = fused_module.drop_empty_rows(x)
-    assert compact.batch_size == 2  # the most non-empty samples of an instance
-    assert compact.row.tolist() == [[0, 0, 1, 2], [0, 2, 2, 2]]  # padding goes to row R = 2
-    assert rows.tolist() == [[0, 2], [3, 4]]  # instance 1's second row is filler: B
-    dense = x.dense()
-    assert torch.equal(compact.dense(), torch.stack([dense[0, [0, 2]], torch.stack([dense[1, 3], torch.zeros(5)])]))
+    # The most non-empty samples of an instance is 2, rounded up to 64 but at most B = 4.
+    assert compact.batch_size == 4
+    assert compact.row.tolist() == [[0, 0, 1, 4], [0, 4, 4, 4]]  # padding goes to row R = 4
+    assert rows.tolist() == [[0, 2, 4, 4], [3, 4, 4, 4]]  # filler rows come from B
+    dense, empty = x.dense(), torch.zeros(5)
+    assert torch.equal(
+        compact.dense(),
+        torch.stack(
+            [torch.stack([dense[0, 0], dense[0, 2], empty, empty]), torch.stack([dense[1, 3], empty, empty, empty])]
+        ),
+    )
+    wide = dataclasses.replace(x, row=torch.where(x.row == 4, 200, x.row), batch_size=200)
+    compact, rows = fused_module.drop_empty_rows(wide)
+    assert compact.batch_size == 64 and rows[:, :2].tolist() == [[0, 2], [3, 200]] and (rows[:, 2:] == 200).all()
 
 
 @pytest.mark.parametrize("p", [(0.1, 0.0), (0.0, 0.0), (0.15, 0.05)])
