@@ -38,10 +38,11 @@ import lightning.pytorch as pl
 import torch
 
 from cis_lightning.allocator import keep_freed_memory
-from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, per_sample_loss, plan_strata
+from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
 from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
+from cis_lightning.optim import AdamW
 from cis_lightning.task import Instance, Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,18 +140,18 @@ def reference_evaluate(model: MLP, p: float, n_nonempty: int = 1_000_000, batch_
 
 # -- cis_lightning --------------------------------------------------------------------------------------
 def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH) -> float:
-    """The pure-torch core's training step without Lightning: cis's draw, loss, backward, fused AdamW
-    and cosine schedule, as `cis fit` runs them on mlp_clean.yaml. What Lightning's loop adds is the
-    difference (measured at batch 8 too, where the arithmetic is negligible)."""
+    """The pure-torch core's training step without Lightning: cis's draw, loss, backward, AdamW
+    (`cis_lightning.optim`) and cosine schedule, as `cis fit` runs them on mlp_clean.yaml. What
+    Lightning's loop adds is the difference (measured at batch 8 too, where the arithmetic is negligible)."""
     task = Task([Instance(feature_probability=P, mixing=Mixing("none"))], N_FEATURES)
     model = MLP(N_FEATURES, D_MLP)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2, fused=True)
+    optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + steps)
 
     def step(t: int) -> None:
         x = task.draw(batch_size, t)
         optimizer.zero_grad()
-        per_sample_loss(model, task, x).mean(dim=1).sum().backward()
+        mean_loss(model, task, x).sum().backward()
         optimizer.step()
         schedule.step()
 

@@ -48,14 +48,25 @@ def per_sample_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tens
     one-layer model without biases takes `fused.one_layer_loss`, the same algebra with its backward
     written out.
     """
+    return _loss(model, task, x, mean=False)
+
+
+def mean_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
+    """The training loss: the mean of `per_sample_loss` over the batch, (K,)."""
+    return _loss(model, task, x, mean=True)
+
+
+def _loss(model: CCModel, task: Task, x: Tensor | SparseInput, mean: bool) -> Tensor:
     if isinstance(x, SparseInput) and model.has_readout_form:
         a, (w, b) = model.hidden_weight(), model.readout()
         if a is not None and b is None:
-            return one_layer_loss(a, w, _label_map(model, task), x)
-        return _readout_loss(model, task, x)
-    x = to_dense(x)
-    y = task.labels(x, residual=model.residual)
-    return (model(x) - y).pow(2).mean(dim=-1)
+            return one_layer_loss(a, w, _label_map(model, task), x, mean=mean)
+        loss = _readout_loss(model, task, x)
+    else:
+        x = to_dense(x)
+        y = task.labels(x, residual=model.residual)
+        loss = (model(x) - y).pow(2).mean(dim=-1)
+    return loss.mean(dim=1) if mean else loss
 
 
 def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:

@@ -32,12 +32,15 @@ from torch import Tensor
 
 from cis_lightning.task import SparseInput
 
-# Device types where `one_layer_loss` drops empty samples first (it reads their count on the host).
-DROP_EMPTY_ROWS_ON = ("cpu",)
+# Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
+# reads their count, which on a GPU would be a sync) and groups the entries with numpy, whose per-call
+# cost on a few thousand numbers is a fraction of torch's.
+HOST_PATH_ON = ("cpu",)
 
 
-def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Tensor:
-    """Per-sample loss (K, B) of y_hat = W ReLU(A x) against ReLU(x) + R x.
+def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean: bool = False) -> Tensor:
+    """Per-sample loss (K, B) of y_hat = W ReLU(A x) against ReLU(x) + R x; with `mean`, its mean
+    over the batch (K,) (the training loss: nothing per sample is put back in place).
 
     a (K, m, n), w (K, n, m), r (K, n, n) or None (no linear part in the labels); x sparse.
     Gradients flow to a, w and r.
@@ -47,42 +50,46 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput) -> Te
     in place. Elsewhere that would cost a host sync (the count sets a shape), so all rows run.
     """
     batch_size, rows = x.batch_size, None
-    # Not under torch.compile either: a new row count every step would recompile every step.
-    if x.row.device.type in DROP_EMPTY_ROWS_ON and not torch.compiler.is_compiling():
-        x, rows = drop_empty_rows(x)
     k, n = a.shape[0], a.shape[2]
-    instance = torch.arange(k, device=a.device)[:, None]
-    entries = _Entries(
-        feature=(instance * n + x.feature).reshape(-1),  # rows of a (K n, .) table
-        row=(instance * (x.batch_size + 1) + x.row).reshape(-1),  # rows of a (K (B + 1), .) stack
-        value=x.value.reshape(-1).to(a.dtype),
-        n_rows=k * (x.batch_size + 1),
-        n_features=k * n,
-    )
-    return _OneLayerLoss.apply(a, w, r, entries, rows, batch_size)
+    # Not under torch.compile either: a new row count every step would recompile every step.
+    if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
+        x, rows = drop_empty_rows(x)
+        entries = _Entries.on_host(x, k, a.dtype)
+    else:
+        instance = torch.arange(k, device=a.device)[:, None]
+        entries = _Entries(
+            feature=(instance * n + x.feature).reshape(-1),  # rows of a (K n, .) table
+            row=(instance * (x.batch_size + 1) + x.row).reshape(-1),  # rows of a (K (B + 1), .) stack
+            value=x.value.reshape(-1).to(a.dtype),
+            n_rows=k * (x.batch_size + 1),
+            n_features=k * n,
+        )
+    return _OneLayerLoss.apply(a, w, r, entries, None if mean else rows, batch_size, mean)
 
 
 def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
-    """x without its empty samples, and where each of its rows came from.
+    """x without its empty samples, and where each of its rows came from (on the host, in numpy).
 
     Returns the compact input (K, R, n) with R the most non-empty samples of any instance rounded up
     to a multiple of 64 (an instance with fewer has empty filler rows at the end), and rows (K, R):
-    the sample of x that each compact row is, or B for filler. Reads R on the host (a sync on a GPU).
+    the sample of x that each compact row is, or B for filler.
     """
-    k, b = x.row.shape[0], x.batch_size
-    row = x.row  # (K, C), sorted per instance; padding entries have row B and come last
+    row = x.row.numpy()  # (K, C), sorted per instance; padding entries have row B and come last
+    k, b = row.shape[0], x.batch_size
     real = row < b
-    first = torch.ones_like(real)
+    first = np.ones_like(real)
     first[:, 1:] = row[:, 1:] != row[:, :-1]
     first &= real  # the first entry of every non-empty sample
-    compact_row = torch.cumsum(first, dim=1) - 1
+    compact_row = np.cumsum(first, axis=1) - 1
     # R rounded up to a multiple of 64 (at most B): a few shapes recur, so freed blocks fit again.
-    n_rows = min(b, -(-int(first.sum(dim=1).max()) // 64) * 64) if row.numel() else 0
-    compact_row = torch.where(real, compact_row, n_rows)  # padding stays padding: row R
-    rows = torch.full((k, n_rows + 1), b, dtype=row.dtype, device=row.device)
-    rows.scatter_(1, torch.where(first, compact_row, n_rows), torch.where(first, row, b))
-    compact = SparseInput(row=compact_row, feature=x.feature, value=x.value, batch_size=n_rows, n_features=x.n_features)
-    return compact, rows[:, :n_rows]
+    n_rows = min(b, -(-int(first.sum(axis=1).max()) // 64) * 64) if row.size else 0
+    compact_row = np.where(real, compact_row, n_rows)  # padding stays padding: row R
+    rows = np.full((k, n_rows + 1), b, dtype=row.dtype)
+    np.put_along_axis(rows, np.where(first, compact_row, n_rows), np.where(first, row, b), axis=1)
+    compact = SparseInput(
+        row=torch.from_numpy(compact_row), feature=x.feature, value=x.value, batch_size=n_rows, n_features=x.n_features
+    )
+    return compact, torch.from_numpy(rows[:, :n_rows])
 
 
 class _Entries:
@@ -90,16 +97,61 @@ class _Entries:
 
     By row (the order they come in: sorted by row), `row_start[j]` is the first entry of row j; by
     feature, `row_by_feature` and `value_by_feature` are the entries sorted by feature and
-    `feature_start[f]` the first of feature f. Starts come from counts (no search).
+    `feature_start[f]` the first of feature f. Starts come from counts (no search). `u_sq` (n_rows,)
+    is ||ReLU(x_b)||^2 per row. Rows and features are those of K stacked instances: row j of
+    instance j // (n_rows / K), feature f of instance f // (n_features / K).
     """
 
     def __init__(self, feature: Tensor, row: Tensor, value: Tensor, n_rows: int, n_features: int):
         self.feature, self.row, self.value, self.n_rows, self.n_features = feature, row, value, n_rows, n_features
+        self.relu_value = value.relu()
+        self.u_sq = torch.zeros(n_rows, device=value.device, dtype=value.dtype).index_add_(
+            0, row, self.relu_value.square()
+        )
         self.row_start = _starts(row, n_rows)
-        order = _grouping_order(feature, n_features)
+        order = torch.sort(feature.int(), stable=True).indices
         self.row_by_feature = row.index_select(0, order)
         self.value_by_feature = value.index_select(0, order)
+        self.relu_value_by_feature = self.value_by_feature.relu()
         self.feature_start = _starts(feature, n_features)
+
+    def instance_by_feature(self, k: int) -> Tensor:
+        """The instance of every entry, in feature order."""
+        return torch.div(self.row_by_feature, self.n_rows // k, rounding_mode="floor")
+
+    def position_in_rows(self, k: int) -> Tensor:
+        """Every entry's index in a flattened (n_rows, n / K) stack of rows: row * n + feature within its instance."""
+        n = self.n_features // k
+        return self.row * n + self.feature % n
+
+    @classmethod
+    def on_host(cls, x: SparseInput, k: int, dtype: torch.dtype) -> _Entries:
+        """The same from the host arrays of x (K instances stacked), computed in numpy; values in dtype."""
+        n, b = x.n_features, x.batch_size
+        instance = np.arange(k)[:, None]
+        feature = (instance * n + x.feature.numpy()).reshape(-1)
+        row = (instance * (b + 1) + x.row.numpy()).reshape(-1)
+        value = x.value.to(dtype).numpy().reshape(-1)
+        relu_value = np.maximum(value, 0)
+        # numpy sorts 16-bit keys stably by radix (about 10 us for a batch's entries; torch.sort, a
+        # comparison sort whose branches fresh data defeats, took about 75 us).
+        order = np.argsort(feature.astype(np.int16 if k * n <= 2**15 else np.int32), kind="stable")
+        entries = object.__new__(cls)
+        entries.n_rows, entries.n_features = k * (b + 1), k * n
+        entries.feature, entries.row, entries.value = (torch.from_numpy(a) for a in (feature, row, value))
+        entries.relu_value = torch.from_numpy(relu_value)
+        u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=entries.n_rows)
+        entries.u_sq = torch.from_numpy(u_sq.astype(value.dtype))
+        entries.row_start = torch.from_numpy(_host_starts(row, entries.n_rows))
+        entries.row_by_feature = torch.from_numpy(row[order])
+        entries.value_by_feature = torch.from_numpy(value[order])
+        entries.relu_value_by_feature = torch.from_numpy(relu_value[order])
+        entries.feature_start = torch.from_numpy(_host_starts(feature, entries.n_features))
+        instance_by_feature = torch.from_numpy(feature[order] // n)
+        position_in_rows = torch.from_numpy(row * n + feature % n)
+        entries.instance_by_feature = lambda k: instance_by_feature
+        entries.position_in_rows = lambda k: position_in_rows
+        return entries
 
     def sum_by_row(self, table: Tensor, weight: Tensor) -> Tensor:
         """out[row_c] += weight_c table[feature_c]: (n_rows, width)."""
@@ -110,18 +162,6 @@ class _Entries:
         return _bag(self.row_by_feature, table, self.feature_start, weight)
 
 
-def _grouping_order(group: Tensor, n_groups: int) -> Tensor:
-    """A permutation that makes the entries of each group contiguous (a stable sort of the group ids).
-
-    On a CPU, torch.sort of a few thousand fresh keys costs about 75 us (a comparison sort whose
-    branches the data defeats); numpy sorts 16-bit keys stably by radix in about 10 us. Elsewhere,
-    and for more than 2^15 groups, torch.sort.
-    """
-    if group.device.type == "cpu" and n_groups <= 2**15:
-        return torch.from_numpy(np.argsort(group.numpy().astype(np.int16), kind="stable"))
-    return torch.sort(group.int(), stable=True).indices
-
-
 def _starts(group: Tensor, n_groups: int) -> Tensor:
     """Index of the first entry of every group when entries are ordered by group (exclusive cumsum of counts)."""
     counts = torch.zeros(n_groups, dtype=group.dtype, device=group.device)
@@ -129,9 +169,18 @@ def _starts(group: Tensor, n_groups: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
+def _host_starts(group: np.ndarray, n_groups: int) -> np.ndarray:
+    """`_starts` in numpy."""
+    counts = np.bincount(group, minlength=n_groups)
+    return np.cumsum(counts) - counts
+
+
 def _bag(index: Tensor, table: Tensor, starts: Tensor, weight: Tensor) -> Tensor:
-    """One fused gather, scale and segment sum (no autograd: the backward is written out below)."""
-    return torch.nn.functional.embedding_bag(index, table, starts, mode="sum", per_sample_weights=weight)
+    """One fused gather, scale and segment sum (no autograd: the backward is written out below).
+
+    torch.embedding_bag itself (mode 0: sum): F.embedding_bag's argument checks cost about as much
+    as the small bag does, four times a step."""
+    return torch.embedding_bag(table, index, starts, False, 0, False, weight, False, None)[0]
 
 
 def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
@@ -145,32 +194,33 @@ class _OneLayerLoss(torch.autograd.Function):
     # The per-row factor 2 g_b / n of the backward goes into the per-entry weights instead (O(C)).
 
     @staticmethod
-    def forward(ctx, a, w, r, entries, rows, batch_size):
+    def forward(ctx, a, w, r, entries, rows, batch_size, mean):
         # entries: of x, or of its non-empty rows (then rows (K, R) says which sample each row is,
-        # B for filler); batch_size: B.
+        # B for filler); batch_size: B; mean: return the mean over the batch (K,), rows unused.
         # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
         # requires grad takes its slower training path: work on detached tensors.
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
-        value, relu_value = entries.value, entries.value.relu()
+        value, relu_value = entries.value, entries.relu_value
         h = (
             entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
         )  # (K, B + 1, m)
         q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x)
         u = None
         if r is None:
-            u_sq = torch.zeros(entries.n_rows, device=a.device, dtype=a.dtype)
-            u_sq.index_add_(0, entries.row, relu_value.square())
+            u_sq = entries.u_sq
         else:
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
-            u.view(-1).index_add_(0, entries.row * n + entries.feature % n, relu_value)  # + ReLU(x)
+            u.view(-1).index_add_(0, entries.position_in_rows(k), relu_value)  # + ReLU(x)
             u_sq = u.square().sum(dim=1)
         q = q.view(k, -1, m)
         t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
         loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
-        ctx.entries, ctx.rows = entries, rows
+        ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         ctx.save_for_backward(a, w, h, t, q, r, u)
+        if mean:  # padding and filler rows have loss 0
+            return loss.sum(dim=1) / batch_size
         if rows is None:
             return loss[:, :batch_size]
         full = torch.zeros(k, batch_size + 1, device=a.device, dtype=a.dtype)
@@ -181,19 +231,26 @@ class _OneLayerLoss(torch.autograd.Function):
         a, w, h, t, q, r, u = ctx.saved_tensors
         entries = ctx.entries
         k, m, n = a.shape
-        g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
-        if ctx.rows is not None:  # to the rows the loss ran on: (K, R + 1), filler and padding get 0
-            g = torch.nn.functional.pad(g.gather(1, ctx.rows), (0, 1))
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
-        s = (g * (2 / n)).view(-1).index_select(0, entries.row_by_feature)
-        weight, relu_weight = entries.value_by_feature * s, entries.value_by_feature.relu() * s
+        if ctx.mean:  # g_b = grad_k / B for every row of instance k (padding and filler rows have h = 0)
+            scale = grad * (2 / (n * ctx.batch_size))  # s_b of instance k's rows (K,)
+            s = scale if k == 1 else scale.index_select(0, entries.instance_by_feature(k))
+        else:
+            g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
+            if ctx.rows is not None:  # to the rows the loss ran on: (K, R + 1), filler and padding get 0
+                g = torch.nn.functional.pad(g.gather(1, ctx.rows), (0, 1))
+            s = (g * (2 / n)).view(-1).index_select(0, entries.row_by_feature)
+        weight, relu_weight = entries.value_by_feature * s, entries.relu_value_by_feature * s
         grad_a = grad_w = grad_r = None
         if ctx.needs_input_grad[0]:
             d_pre = _relu_backward(t + q, h).view(-1, m)  # (G h - q) through the ReLU, per unit s_b
             grad_a = entries.sum_by_feature(d_pre, weight).view(k, n, m).transpose(1, 2)
         h_rows = h.view(-1, m)
         if ctx.needs_input_grad[1]:
-            d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)  # (K, m, m), symmetric
+            if ctx.mean:  # dL/dG (K, m, m), symmetric: sum_b (g_b / n) h_b h_b^T
+                d_gram = torch.bmm(h.transpose(1, 2), h).mul_((scale / 2)[:, None, None])
+            else:
+                d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)
             grad_w = 2 * torch.bmm(w, d_gram)
             grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
         if r is not None:
@@ -204,4 +261,4 @@ class _OneLayerLoss(torch.autograd.Function):
                 # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
                 d_rt = entries.sum_by_feature(u, weight).view(k, n, n)
                 grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
-        return grad_a, grad_w, grad_r, None, None, None
+        return grad_a, grad_w, grad_r, None, None, None, None

@@ -4,14 +4,21 @@ Training data must be reproducible from one seed, identical for any number of ra
 at any step, and independent per instance while K instances are drawn in one batched kernel.
 torch.Generator gives none of that cheaply, so we hash counters with SplitMix64
 (Steele, Lea and Flood 2014): state = key + (index + 1) * golden, output = mix(state).
+
+Every function takes int64 torch tensors or int64 numpy arrays (the same operators, the same bits):
+on a CPU the training draw runs in numpy, whose per-call cost on arrays of a few thousand numbers is
+a fraction of torch's (`Task.draw`).
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import Tensor
+
+Array = Tensor | np.ndarray
 
 
 def _signed(value: int) -> int:
@@ -26,13 +33,13 @@ _MUL2 = _signed(_MUL2_BITS)
 _LOW_BITS = {shift: (1 << (64 - shift)) - 1 for shift in (30, 27, 31, 11)}
 
 
-def _shift_right(z: Tensor, shift: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
+def _shift_right(z: Array, shift: int) -> Array:
+    """Logical right shift of int64 (>> of a signed integer is arithmetic)."""
     return (z >> shift) & _LOW_BITS[shift]
 
 
-def mix64(z: Tensor) -> Tensor:
-    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+def mix64(z: Array) -> Array:
+    """SplitMix64's finaliser on int64 tensors or arrays (multiplication wraps modulo 2^64)."""
     z = (z ^ _shift_right(z, 30)) * _MUL1
     z = (z ^ _shift_right(z, 27)) * _MUL2
     return z ^ _shift_right(z, 31)
@@ -47,12 +54,12 @@ def _mix64_int(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_base(seeds: Tensor, stream: int) -> Tensor:
+def stream_base(seeds: Array, stream: int) -> Array:
     """The part of stream_key that does not depend on the step (callers may keep it)."""
     return mix64(seeds * _GOLDEN + stream)
 
 
-def step_key(base: Tensor, step: int) -> Tensor:
+def step_key(base: Array, step: int) -> Array:
     """stream_key from stream_base: the step is hashed on the host, so this is one device pass."""
     return mix64(base ^ _signed(_mix64_int(step)))
 
@@ -70,15 +77,20 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
     return _to_unit(mix64(key + (index + 1) * _GOLDEN))
 
 
-def uniform_first(key: Tensor, count: int) -> Tensor:
+def uniform_first(key: Array, count: int) -> Array:
     """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters' part kept per size."""
-    return _to_unit(mix64(key + _first_counters(count, key.device)))
+    device = "numpy" if isinstance(key, np.ndarray) else key.device
+    return _to_unit(mix64(key + _first_counters(count, device)))
 
 
 @functools.lru_cache(maxsize=16)
-def _first_counters(count: int, device: torch.device) -> Tensor:
+def _first_counters(count: int, device: torch.device | str) -> Array:
+    if device == "numpy":
+        return (np.arange(count, dtype=np.int64) + 1) * _GOLDEN
     return (torch.arange(count, device=device) + 1) * _GOLDEN
 
 
-def _to_unit(z: Tensor) -> Tensor:
-    return (_shift_right(z, 11).to(torch.float64) + 0.5) * 2.0**-53
+def _to_unit(z: Array) -> Array:
+    bits = _shift_right(z, 11)
+    bits = bits.astype(np.float64) if isinstance(bits, np.ndarray) else bits.to(torch.float64)
+    return (bits + 0.5) * 2.0**-53

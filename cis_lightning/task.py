@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -166,6 +167,7 @@ class Task(nn.Module):
         self.register_buffer("learn_sigma", torch.tensor([i.learn_sigma for i in instances]))
         self._stream_bases: dict[int, tuple] = {}  # stream -> (seeds it was made from, their version, base)
         self._probabilities: dict[tuple, Tensor] = {}  # (override p values, device) -> p (K,)
+        self._log1m_p: dict[int, tuple] = {}  # id(p) -> (p, its version, log(1 - p))
         learned = any(i.learn_sigma for i in instances)
         self.sigma = nn.Parameter(torch.tensor([float(i.sigma) for i in instances]), requires_grad=learned)
 
@@ -248,13 +250,25 @@ class Task(nn.Module):
         return self._probabilities[ps, device]
 
     def _key(self, stream: int, step: int) -> Tensor:
-        """rng.stream_key(seeds, stream, step); the per-stream part is kept until the seeds change."""
+        """rng.stream_key(seeds, stream, step); the per-stream part is kept until the seeds change.
+
+        On a CPU the hash runs in numpy (a dozen operations on K numbers: microseconds, not tens)."""
         seeds = self.seeds
         cached = self._stream_bases.get(stream)
         if cached is None or cached[0] is not seeds or cached[1] != seeds._version:
-            cached = (seeds, seeds._version, rng.stream_base(seeds, stream))
+            base = rng.stream_base(seeds, stream)
+            cached = (seeds, seeds._version, base.numpy() if base.device.type == "cpu" else base)
             self._stream_bases[stream] = cached
-        return rng.step_key(cached[2], step)
+        key = rng.step_key(cached[2], step)
+        return torch.from_numpy(key) if isinstance(key, np.ndarray) else key
+
+    def _log1m(self, p: Tensor) -> Tensor:
+        """log(1 - p) in float64 (K,), kept per p tensor (the buffer, or a kept override)."""
+        cached = self._log1m_p.get(id(p))
+        if cached is None or cached[0] is not p or cached[1] != p._version:
+            cached = (p, p._version, torch.log1p(-p.double()))
+            self._log1m_p[id(p)] = cached
+        return cached[2]
 
     def sample_active(
         self,
@@ -302,26 +316,19 @@ class Task(nn.Module):
         return torch.where(u < p, 2 * u / p - 1, torch.zeros((), device=u.device))
 
     def _sparse(self, key: Tensor, p: Tensor, batch_size: int, local: int, rank: int, p_max: float) -> SparseInput:
-        """Draw only the active entries: gaps between them in the flattened global batch are geometric."""
+        """Draw only the active entries (`_active_entries`); on a CPU in numpy, with the same bits."""
         n = self.n_features
-        total = batch_size * n
-        mean = total * p_max
+        mean = batch_size * n * p_max
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
-        u = rng.uniform_first(key, 2 * count)  # (K, 2 count): the gaps, then the values
-        # p = 0 (a frozen instance, `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries.
-        gaps = torch.floor(torch.log(u[:, :count]) / torch.log1p(-p.double())[:, None]).clamp(max=total).long()
-        position = torch.cumsum(gaps + 1, dim=1) - 1  # global entry ids of the active entries
-        values = (2 * u[:, count:] - 1).float()
-        row = torch.div(position, n, rounding_mode="floor") - rank * local
-        inside = (row >= 0) & (row < local)
-        # Entries of other ranks (or past the batch) go to a spare row `local` with value 0.
-        row, feature = torch.where(inside, row, local), torch.where(inside, position % n, 0)
-        values = torch.where(inside, values, 0.0)
-        if rank > 0:  # the entries of lower ranks come first: move them to the end (rows stay sorted)
-            order = torch.argsort(row, dim=1, stable=True)
-            row, feature, values = row.gather(1, order), feature.gather(1, order), values.gather(1, order)
-        return SparseInput(row=row, feature=feature, value=values, batch_size=local, n_features=n)
+        log1m_p = self._log1m(p)
+        if key.device.type == "cpu":  # numpy's per-call cost on a few thousand numbers is a fraction of torch's
+            with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
+                entries = _active_entries(key.numpy(), log1m_p.numpy(), batch_size * n, count, n, local, rank)
+            row, feature, value = (torch.from_numpy(a) for a in entries)
+        else:
+            row, feature, value = _active_entries(key, log1m_p, batch_size * n, count, n, local, rank)
+        return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
 
     def _one_active(self, key: Tensor, first_row: int, local: int) -> SparseInput:
         n = self.n_features
@@ -330,6 +337,36 @@ class Task(nn.Module):
         value = (2 * rng.uniform(key, 2 * rows + 1) - 1).float()
         row = torch.arange(local, device=key.device).expand_as(feature)
         return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
+
+
+def _active_entries(key, log1m_p, total: int, count: int, n: int, local: int, rank: int) -> tuple:
+    """(row, feature, value), each (K, count), of this rank's active entries of a global batch of
+    `total` = B n entries: the gaps between active entries in the flattened batch are geometric.
+
+    key (K, 1) int64 and log1m_p = log(1 - p) (K,) float64, both torch tensors or both numpy arrays
+    (then so are the results: the same operations give the same bits). Entries of other ranks, or
+    past the batch, go to a spare row `local` with value 0. p = 0 (a frozen instance,
+    `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries.
+    """
+    xp = np if isinstance(key, np.ndarray) else torch
+    u = rng.uniform_first(key, 2 * count)  # (K, 2 count): the gaps, then the values
+    gaps = xp.clip(xp.floor(xp.log(u[:, :count]) / log1m_p[:, None]), None, total)
+    gaps = gaps.astype(np.int64) if xp is np else gaps.long()
+    position = xp.cumsum(gaps + 1, 1) - 1  # global entry ids of the active entries
+    values = 2 * u[:, count:] - 1
+    values = values.astype(np.float32) if xp is np else values.float()
+    row = position // n - rank * local
+    inside = (row >= 0) & (row < local)
+    row, feature = xp.where(inside, row, local), xp.where(inside, position % n, 0)
+    values = xp.where(inside, values, values.dtype.type(0) if xp is np else 0.0)
+    if rank > 0:  # the entries of lower ranks come first: move them to the end (rows stay sorted)
+        if xp is np:
+            order = np.argsort(row, axis=1, kind="stable")
+            row, feature, values = (np.take_along_axis(a, order, 1) for a in (row, feature, values))
+        else:
+            order = torch.argsort(row, dim=1, stable=True)
+            row, feature, values = row.gather(1, order), feature.gather(1, order), values.gather(1, order)
+    return row, feature, values
 
 
 @dataclasses.dataclass
@@ -422,7 +459,7 @@ def _select(module: nn.Module, index: list[int], n_instances: int) -> nn.Module:
     view._modules = {name: m if m is None else _select(m, index, n_instances) for name, m in module._modules.items()}
     if isinstance(module, Task):
         view.instances = [module.instances[k] for k in index]
-        view._stream_bases, view._probabilities = {}, {}
+        view._stream_bases, view._probabilities, view._log1m_p = {}, {}, {}
     elif "n_instances" in module.__dict__:
         view.n_instances = len(index)
     return view

@@ -17,6 +17,7 @@ import torch
 
 from cis_lightning import evaluation
 from cis_lightning import fused as fused_module
+from cis_lightning import task as task_module
 from cis_lightning.evaluation import per_sample_loss
 from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
@@ -72,6 +73,19 @@ def test_a_sparse_draw_is_exactly_the_dense_sample(rank):
     assert isinstance(draw, SparseInput)
     assert torch.equal(draw.dense(), task.sample(96, step=5, rank=rank, world_size=3))
     assert torch.equal(draw.dense(), task.sample(96, step=5)[:, 32 * rank : 32 * (rank + 1)])
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 3)])
+def test_the_draw_computes_the_same_bits_in_numpy_and_in_torch(rank, world_size):
+    """A CPU draws in numpy (`task._active_entries` on arrays), other devices in torch: same entries."""
+    key = torch.tensor([[123456789], [-987654321]], dtype=torch.int64)
+    log1m_p = torch.log1p(-torch.tensor([0.01, 0.05]).double())
+    args = (30 * 96, 200, 30, 96 // world_size, rank)  # total entries, entries drawn, n, local, rank
+    in_torch = task_module._active_entries(key, log1m_p, *args)
+    in_numpy = task_module._active_entries(key.numpy(), log1m_p.numpy(), *args)
+    for a, b in zip(in_torch, in_numpy, strict=True):
+        assert a.dtype == torch.from_numpy(b).dtype and torch.equal(a, torch.from_numpy(b))
+    assert (in_torch[0] < 96 // world_size).sum() > 0  # some entries fall in this rank's rows
 
 
 NETWORKS = {
@@ -153,7 +167,7 @@ def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch
     params = list(model.parameters()) + [task.sigma]
     results = []
     for devices in [("cpu",), ()]:
-        monkeypatch.setattr(fused_module, "DROP_EMPTY_ROWS_ON", devices)
+        monkeypatch.setattr(fused_module, "HOST_PATH_ON", devices)
         loss = per_sample_loss(model, task, x)
         weights = torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         results.append((loss, _gradients((weights * loss).sum(), params)))
@@ -165,16 +179,70 @@ def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch
     assert (full[[k for k, q in enumerate(p) if q == 0]] == 0).all()
 
 
-def test_the_grouping_order_is_a_stable_sort_on_both_paths():
-    """`fused._grouping_order` (numpy's radix sort on a CPU, torch.sort beyond 2^15 groups): the
-    stable sort of the group ids, so each group's entries are contiguous and keep their order."""
-    group = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(0))
-    expected = torch.sort(group, stable=True).indices
-    for n_groups in (300, 2**15 + 1):
-        order = fused_module._grouping_order(group, n_groups)
-        assert torch.equal(order.long(), expected)
-    hand = torch.tensor([2, 0, 2, 1, 0])  # a hand-sorted case: groups 0 at 1, 4; 1 at 3; 2 at 0, 2
-    assert fused_module._grouping_order(hand, 3).tolist() == [1, 4, 3, 0, 2]
+@pytest.mark.parametrize("network_name", ["mlp", "residual"])
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("p", [(0.1, 0.05), (0.1, 0.0)])
+def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and_gradients(
+    network_name, host, p, monkeypatch
+):
+    """`mean_loss` (the fused loss's mean, whose backward spreads grad_k / B over the rows itself)
+    against per_sample_loss(...).mean(1), with a frozen (empty) instance and a rank's padding entries,
+    on the CPU's host path and on the path other devices take."""
+    monkeypatch.setattr(fused_module, "HOST_PATH_ON", ("cpu",) if host else ())
+    model = _perturbed(NETWORKS[network_name]())
+    task = TASKS["learned sigma, symmetric M"](False).double()
+    x = task.draw(300, step=4, rank=1, world_size=3, feature_probability=list(p))
+    x.value = x.value.double()
+    params = list(model.parameters()) + [task.sigma]
+    mean, per_sample = evaluation.mean_loss(model, task, x), per_sample_loss(model, task, x).mean(dim=1)
+    assert mean.shape == (2,) and (mean[1] == 0) == (p[1] == 0)
+    assert torch.allclose(mean, per_sample, atol=1e-14)
+    weights = torch.tensor([0.7, 1.3], dtype=torch.float64)  # the instances' gradients differ
+    for a, b in zip(
+        _gradients((weights * mean).sum(), params), _gradients((weights * per_sample).sum(), params), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def _entries(x: SparseInput, k: int, on_host: bool) -> fused_module._Entries:
+    """`fused._Entries` of x as the CPU builds them (numpy) or as other devices do (torch)."""
+    if on_host:
+        return fused_module._Entries.on_host(x, k, x.value.dtype)
+    n, b, instance = x.n_features, x.batch_size, torch.arange(k)[:, None]
+    row = (instance * (b + 1) + x.row).reshape(-1)
+    return fused_module._Entries((instance * n + x.feature).reshape(-1), row, x.value.reshape(-1), k * (b + 1), k * n)
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_entries_of_a_hand_made_batch_are_grouped_by_row_and_by_feature(on_host):
+    # B = 3, n = 3: sample 0 has features 0 and 2, sample 2 has feature 2; one padding entry (row B = 3).
+    x = SparseInput(
+        row=torch.tensor([[0, 0, 2, 3]]),
+        feature=torch.tensor([[0, 2, 2, 0]]),
+        value=torch.tensor([[0.5, -1.0, 0.25, 0.0]]),
+        batch_size=3,
+        n_features=3,
+    )
+    entries = _entries(x, 1, on_host)
+    assert entries.row_start.tolist() == [0, 2, 2, 3]  # rows 0..3 hold 2, 0, 1, 1 entries
+    # By feature, stably: feature 0 (entries 0, 3), feature 1 (none), feature 2 (entries 1, 2).
+    assert entries.feature_start.tolist() == [0, 2, 2]
+    assert entries.row_by_feature.tolist() == [0, 3, 0, 2]
+    assert entries.value_by_feature.tolist() == [0.5, 0.0, -1.0, 0.25]
+    assert entries.u_sq.tolist() == [0.25, 0.0, 0.0625, 0.0]  # ||ReLU(x_b)||^2
+
+
+def test_entries_grouped_on_the_host_equal_the_device_grouping():
+    """The numpy path of a CPU builds exactly what torch builds elsewhere, for two instances and a
+    rank's share (padding entries of other ranks included)."""
+    task = Task([Instance(feature_probability=0.1), Instance(feature_probability=0.05, seed=1)], 30)
+    x = task.draw(64, step=2, rank=1, world_size=2)
+    host, device = _entries(x, 2, on_host=True), _entries(x, 2, on_host=False)
+    assert (host.n_rows, host.n_features) == (device.n_rows, device.n_features) == (66, 60)
+    for name in ("feature", "row", "value", "relu_value", "row_start", "row_by_feature", "value_by_feature"):
+        assert torch.equal(getattr(host, name), getattr(device, name)), name
+    assert torch.equal(host.feature_start, device.feature_start)
+    assert torch.allclose(host.u_sq, device.u_sq, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "tied mlp", "residual"])
@@ -184,7 +252,7 @@ def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_lo
     entries of other ranks included), against autograd through the dense form."""
     calls = []
     fused = evaluation.one_layer_loss
-    monkeypatch.setattr(evaluation, "one_layer_loss", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(evaluation, "one_layer_loss", lambda *args, **kw: calls.append(1) or fused(*args, **kw))
     model = _perturbed(NETWORKS[network_name]())
     task = TASKS["learned sigma, symmetric M"](False).double()
     sparse = task.draw(300, step=4, rank=rank, world_size=3)
@@ -203,7 +271,7 @@ def test_one_layer_models_train_through_the_fused_loss_which_equals_the_dense_lo
 
 # -- the Lightning training step ------------------------------------------------------------------------
 # Every way a tensor's value reaches Python (on a GPU each one waits for the device). Not `numpy`:
-# on a device tensor it raises rather than waits, and CPU-only fast paths use it (fused._grouping_order).
+# on a device tensor it raises rather than waits, and CPU-only fast paths use it (fused, Task.draw).
 SYNCING = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
 SYNCS = {"count": 0}
 
@@ -231,7 +299,7 @@ def _callback(cli, kind: type) -> pl.Callback:
 
 def test_training_steps_that_do_not_log_make_no_host_sync(monkeypatch, tiny):
     # The path a GPU takes: the CPU's loss drops empty samples, which reads their count on the host.
-    monkeypatch.setattr(fused_module, "DROP_EMPTY_ROWS_ON", ())
+    monkeypatch.setattr(fused_module, "HOST_PATH_ON", ())
     for name in SYNCING:
         original = getattr(torch.Tensor, name)
 
