@@ -213,7 +213,7 @@ class _OneLayerLoss(torch.autograd.Function):
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows(k), relu_value)  # + ReLU(x)
-            u_sq = u.square().sum(dim=1)
+            u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
         q = q.view(k, -1, m)
         t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
         loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
@@ -234,7 +234,7 @@ class _OneLayerLoss(torch.autograd.Function):
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
         if ctx.mean:  # g_b = grad_k / B for every row of instance k (padding and filler rows have h = 0)
             scale = grad * (2 / (n * ctx.batch_size))  # s_b of instance k's rows (K,)
-            s = scale if k == 1 else scale.index_select(0, entries.instance_by_feature(k))
+            s = scale.index_select(0, entries.instance_by_feature(k))
         else:
             g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
             if ctx.rows is not None:  # to the rows the loss ran on: (K, R + 1), filler and padding get 0

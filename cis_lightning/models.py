@@ -269,11 +269,12 @@ class ResidualMLP(CCModel):
         """[B_1, ..., B_L] (K, n, L h), B_l = W_E W_out_l."""
         k, n = self.n_instances, self.n_features
         if self.n_layers == 1:  # one batched product, no broadcast over layers
-            return torch.bmm(self.w_embed, self.w_out[:, 0]), None
+            return torch.bmm(self.w_embed, self.w_out.flatten(1, 2)), None
         return (self.w_embed[:, None] @ self.w_out).permute(0, 2, 1, 3).reshape(k, n, -1), None
 
     def hidden_weight(self) -> Tensor | None:
-        return self.w_in[:, 0] @ self.w_embed.transpose(1, 2) if self.n_layers == 1 else None
+        # flatten, not [:, 0]: the gradient of a view is a view, that of a select a new zero tensor.
+        return torch.bmm(self.w_in.flatten(1, 2), self.w_embed.transpose(1, 2)) if self.n_layers == 1 else None
 
     def skip(self) -> Tensor:
         return self.embed_gram

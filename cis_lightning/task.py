@@ -25,6 +25,8 @@ from cis_lightning.mixing import Mixing, build_mixing
 
 # Inputs with p above this are drawn densely; below it, only the active entries are drawn.
 _DENSE_ABOVE = 0.2
+# A CPU draws sparse batches of at most this many uniform numbers in numpy, larger ones in torch.
+_HOST_DRAW_MAX = 2**15
 # `sample_active` picks up to this many active features one by one, more as the top k of n scores.
 _SEQUENTIAL_SUBSET = 8
 
@@ -322,7 +324,9 @@ class Task(nn.Module):
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
         log1m_p = self._log1m(p)
-        if key.device.type == "cpu":  # numpy's per-call cost on a few thousand numbers is a fraction of torch's
+        # numpy's per-call cost on a few thousand numbers is a fraction of torch's; past some 10^4
+        # numbers torch's threads win (on 2 cores: numpy at K = 1, torch from K of about 8 at p = 0.01).
+        if key.device.type == "cpu" and key.shape[0] * 2 * count <= _HOST_DRAW_MAX:
             with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
                 entries = _active_entries(key.numpy(), log1m_p.numpy(), batch_size * n, count, n, local, rank)
             row, feature, value = (torch.from_numpy(a) for a in entries)
