@@ -10,6 +10,7 @@ Everything runs in one invocation on the same machine, with the same torch threa
 - evaluation: L / p at p = 0.001 with stderr < 0.5%, stratified and exact (`evaluate`) against the
   paper's brute force (1e6 non-empty samples in dense batches of 100,000); ten instances of p from
   0.001 to 1 with each stratum drawn for the instances it matters to, against drawing it for all;
+- Lightning's own loop per step, around a module with one 10-number parameter (its floor under any model);
 - peak memory (RSS) of a 10,000-step default run, in a child process.
 
 Medians over repeats after a warm-up. Timings live here, never in the test suite.
@@ -192,6 +193,53 @@ def cis_steps_per_second(config: str, warmup: int, steps: int, extra: list[str] 
         return timer.steps_per_second()
 
 
+class _BareModule(pl.LightningModule):
+    """The least a LightningModule can train: one 10-number parameter, AdamW and a cosine schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.ones(10))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return (self.p * self.p).sum()
+
+    def configure_optimizers(self):
+        optimizer = AdamW([self.p], lr=1e-3)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10_000)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _Counter(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(10**9))
+
+
+def bare_lightning_ms(warmup: int, steps: int) -> tuple[float, float]:
+    """(ms per step of Lightning's loop around `_BareModule`, ms per step of the same step in plain torch):
+    the floor that Lightning's automatic optimization puts under every step, whatever the model."""
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_steps=warmup + steps,
+            logger=pl.loggers.TensorBoardLogger(tmp),
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=50,
+        )
+        trainer.fit(_BareModule(), torch.utils.data.DataLoader(_Counter(), batch_size=None))
+    module = _BareModule()
+    optimizer = module.configure_optimizers()["optimizer"]
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (module.p * module.p).sum().backward()
+        optimizer.step()
+    plain = (time.perf_counter() - start) / steps
+    return 1e3 / timer.steps_per_second(), 1e3 * plain
+
+
 def mixed_p_evaluation_seconds(n_nonempty: int, every_instance: bool) -> float:
     """A stratified evaluation of ten instances at p from 0.001 to 1 (sparsity_regimes' grid), as
     `evaluate` runs it: each stratum drawn for the instances it matters to, or (every_instance) for all."""
@@ -315,7 +363,7 @@ def main() -> None:
 
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
-    ref, mlp, residual, compiled, k16, core, core8, mlp8 = [], [], [], [], [], [], [], []
+    ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
@@ -326,9 +374,11 @@ def main() -> None:
         # torch.compile of the loss: compiled during the warm-up, so not timed.
         compiled.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, ["--model.compile", "true"]))
         k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+        bare.append(bare_lightning_ms(w, 4 * s))
     ref, mlp, residual, compiled, k16, core, core8, mlp8 = (
         statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8)
     )
+    bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
     k1 = mlp
     k16_default_allocator = k16_untuned(w, k16_steps)
     k82 = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82))
@@ -359,6 +409,7 @@ def main() -> None:
         ("  the same step in the pure-torch core (no Lightning), steps/s", f"{core:.1f}", ""),
         ("  ratio core step / reference", f"{core / ref:.2f}x", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
+        ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),
         ("cis fit MLP --model.compile true, steps/s", f"{compiled:.1f}", ""),
         ("  ratio compiled cis / reference", f"{compiled / ref:.2f}x", ">= 3x"),
         ("cis fit residual MLP (d_embed 1000), steps/s", f"{residual:.1f}", ""),

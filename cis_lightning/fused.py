@@ -216,11 +216,12 @@ class _OneLayerLoss(torch.autograd.Function):
             u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
         q = q.view(k, -1, m)
         t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
-        loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         ctx.save_for_backward(a, w, h, t, q, r, u)
-        if mean:  # padding and filler rows have loss 0
-            return loss.sum(dim=1) / batch_size
+        if mean:  # the sum over each instance's rows (padding and filler rows have loss 0), over n B
+            total = torch.linalg.vecdot(h.view(k, -1), t.view(k, -1)).add_(u_sq.view(k, -1).sum(dim=1))
+            return total.div_(n * batch_size)
+        loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
         if rows is None:
             return loss[:, :batch_size]
         full = torch.zeros(k, batch_size + 1, device=a.device, dtype=a.dtype)
