@@ -147,10 +147,11 @@ class _Entries:
         entries.value_by_feature = torch.from_numpy(value[order])
         entries.relu_value_by_feature = torch.from_numpy(relu_value[order])
         entries.feature_start = torch.from_numpy(_host_starts(feature, entries.n_features))
-        instance_by_feature = torch.from_numpy(feature[order] // n)
-        position_in_rows = torch.from_numpy(row * n + feature % n)
+        # Every instance has the same number of entries (padding included), and sorting by feature
+        # keeps the instances in order.
+        instance_by_feature = torch.from_numpy(np.arange(k).repeat(x.row.shape[1]))
         entries.instance_by_feature = lambda k: instance_by_feature
-        entries.position_in_rows = lambda k: position_in_rows
+        entries.position_in_rows = lambda k: torch.from_numpy(row * n + x.feature.numpy().reshape(-1))
         return entries
 
     def sum_by_row(self, table: Tensor, weight: Tensor) -> Tensor:
