@@ -21,7 +21,9 @@ Medians over repeats after a warm-up. Timings live here, never in the test suite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -40,7 +42,7 @@ import torch
 
 from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
-from cis_lightning.main import run
+from cis_lightning.main import PROGRESS_BAR_REFRESH, run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
 from cis_lightning.optim import AdamW
@@ -364,6 +366,7 @@ def main() -> None:
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
+    bar, bar_every_step = [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
@@ -375,10 +378,17 @@ def main() -> None:
         compiled.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, ["--model.compile", "true"]))
         k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
         bare.append(bare_lightning_ms(w, 4 * s))
+        with contextlib.redirect_stdout(io.StringIO()):  # Lightning's bars draw on stdout
+            bar_on = ["--trainer.enable_progress_bar", "true"]
+            bar.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, bar_on))
+            every_step = [*bar_on, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
+            every_step += ["--trainer.callbacks.refresh_rate", "1"]
+            bar_every_step.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, every_step))
     ref, mlp, residual, compiled, k16, core, core8, mlp8 = (
         statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8)
     )
     bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
+    bar, bar_every_step = statistics.median(bar), statistics.median(bar_every_step)
     k1 = mlp
     k16_default_allocator = k16_untuned(w, k16_steps)
     k82 = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82))
@@ -410,6 +420,8 @@ def main() -> None:
         ("  ratio core step / reference", f"{core / ref:.2f}x", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
         ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),
+        (f"  with cis's progress bar (redrawn every {PROGRESS_BAR_REFRESH} steps), steps/s", f"{bar:.1f}", ""),
+        ("  with a progress bar redrawn every step (Lightning's default), steps/s", f"{bar_every_step:.1f}", ""),
         ("cis fit MLP --model.compile true, steps/s", f"{compiled:.1f}", ""),
         ("  ratio compiled cis / reference", f"{compiled / ref:.2f}x", ">= 3x"),
         ("cis fit residual MLP (d_embed 1000), steps/s", f"{residual:.1f}", ""),

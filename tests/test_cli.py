@@ -137,3 +137,21 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "cis_lightning", "--help"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0
     assert all(command in done.stdout for command in ("fit", "validate", "test", "predict"))
+
+
+def _progress_bars(cli) -> list:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    return [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+
+def test_the_default_progress_bar_redraws_every_few_steps_and_a_configured_one_keeps_its_rate(tiny):
+    from cis_lightning.main import PROGRESS_BAR_REFRESH
+
+    args = [a if a != "false" else "true" for a in tiny(steps=2)]  # the progress bar on
+    (bar,) = _progress_bars(run(["fit", *args]))
+    assert bar.refresh_rate == PROGRESS_BAR_REFRESH > 1
+    own = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"]
+    (bar,) = _progress_bars(run(["fit", *args, *own]))
+    assert bar.refresh_rate == 3
+    assert _progress_bars(run(["fit", *tiny(steps=2)])) == []  # enable_progress_bar false: none
