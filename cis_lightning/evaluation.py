@@ -97,11 +97,10 @@ def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
 
 def _label_map(model: CCModel, task: Task) -> Tensor | None:
     """S - L (K, n, n): the labels' linear part sigma M (+ I if residual) minus the model's skip path L."""
-    n = task.n_features
     r = task.scaled_mixing() if task.has_mixing else None
-    if model.residual:
-        eye = torch.eye(n, device=task.mixing.device)
-        r = eye if r is None else r + eye
+    if model.residual:  # S - L = sigma M + (I - W_E W_E^T), the residual stream's own mixing (kept)
+        own = model.effective_mixing()
+        return own if r is None else r + own
     skip = model.skip()
     if skip is not None:
         r = -skip if r is None else r - skip
