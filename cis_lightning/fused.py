@@ -26,6 +26,9 @@ Tested against the dense autograd form in tests/test_performance.py.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -50,20 +53,13 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     in place. Elsewhere that would cost a host sync (the count sets a shape), so all rows run.
     """
     batch_size, rows = x.batch_size, None
-    k, n = a.shape[0], a.shape[2]
+    k = a.shape[0]
     # Not under torch.compile either: a new row count every step would recompile every step.
     if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
         x, rows = drop_empty_rows(x)
         entries = _Entries.on_host(x, k, a.dtype)
     else:
-        instance = torch.arange(k, device=a.device)[:, None]
-        entries = _Entries(
-            feature=(instance * n + x.feature).reshape(-1),  # rows of a (K n, .) table
-            row=(instance * (x.batch_size + 1) + x.row).reshape(-1),  # rows of a (K (B + 1), .) stack
-            value=x.value.reshape(-1).to(a.dtype),
-            n_rows=k * (x.batch_size + 1),
-            n_features=k * n,
-        )
+        entries = _Entries.on_device(x, k, a.dtype)
     return _OneLayerLoss.apply(a, w, r, entries, None if mean else rows, batch_size, mean)
 
 
@@ -92,6 +88,7 @@ def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
     return compact, torch.from_numpy(rows[:, :n_rows])
 
 
+@dataclasses.dataclass
 class _Entries:
     """The active entries of K stacked instances, grouped for embedding bags both ways.
 
@@ -102,31 +99,50 @@ class _Entries:
     instance j // (n_rows / K), feature f of instance f // (n_features / K).
     """
 
-    def __init__(self, feature: Tensor, row: Tensor, value: Tensor, n_rows: int, n_features: int):
-        self.feature, self.row, self.value, self.n_rows, self.n_features = feature, row, value, n_rows, n_features
-        self.relu_value = value.relu()
-        self.u_sq = torch.zeros(n_rows, device=value.device, dtype=value.dtype).index_add_(
-            0, row, self.relu_value.square()
-        )
-        self.row_start = _starts(row, n_rows)
+    feature: Tensor
+    row: Tensor
+    value: Tensor
+    relu_value: Tensor
+    u_sq: Tensor
+    row_start: Tensor
+    row_by_feature: Tensor
+    value_by_feature: Tensor
+    relu_value_by_feature: Tensor
+    feature_start: Tensor
+    n_rows: int
+    n_features: int
+    n_instances: int
+
+    @classmethod
+    def on_device(cls, x: SparseInput, k: int, dtype: torch.dtype) -> _Entries:
+        """The entries of x (K instances stacked) with torch operations, on x's device; values in dtype."""
+        n, b = x.n_features, x.batch_size
+        instance = torch.arange(k, device=x.row.device)[:, None]
+        feature = (instance * n + x.feature).reshape(-1)  # rows of a (K n, .) table
+        row = (instance * (b + 1) + x.row).reshape(-1)  # rows of a (K (B + 1), .) stack
+        value = x.value.reshape(-1).to(dtype)
+        relu_value = value.relu()
         order = torch.sort(feature.int(), stable=True).indices
-        self.row_by_feature = row.index_select(0, order)
-        self.value_by_feature = value.index_select(0, order)
-        self.relu_value_by_feature = self.value_by_feature.relu()
-        self.feature_start = _starts(feature, n_features)
-
-    def instance_by_feature(self, k: int) -> Tensor:
-        """The instance of every entry, in feature order."""
-        return torch.div(self.row_by_feature, self.n_rows // k, rounding_mode="floor")
-
-    def position_in_rows(self, k: int) -> Tensor:
-        """Every entry's index in a flattened (n_rows, n / K) stack of rows: row * n + feature within its instance."""
-        n = self.n_features // k
-        return self.row * n + self.feature % n
+        value_by_feature = value.index_select(0, order)
+        return cls(
+            feature=feature,
+            row=row,
+            value=value,
+            relu_value=relu_value,
+            u_sq=torch.zeros(k * (b + 1), device=value.device, dtype=dtype).index_add_(0, row, relu_value.square()),
+            row_start=_starts(row, k * (b + 1)),
+            row_by_feature=row.index_select(0, order),
+            value_by_feature=value_by_feature,
+            relu_value_by_feature=value_by_feature.relu(),
+            feature_start=_starts(feature, k * n),
+            n_rows=k * (b + 1),
+            n_features=k * n,
+            n_instances=k,
+        )
 
     @classmethod
     def on_host(cls, x: SparseInput, k: int, dtype: torch.dtype) -> _Entries:
-        """The same from the host arrays of x (K instances stacked), computed in numpy; values in dtype."""
+        """The same from the host arrays of x, computed in numpy."""
         n, b = x.n_features, x.batch_size
         instance = np.arange(k)[:, None]
         feature = (instance * n + x.feature.numpy()).reshape(-1)
@@ -136,23 +152,33 @@ class _Entries:
         # numpy sorts 16-bit keys stably by radix (about 10 us for a batch's entries; torch.sort, a
         # comparison sort whose branches fresh data defeats, took about 75 us).
         order = np.argsort(feature.astype(np.int16 if k * n <= 2**15 else np.int32), kind="stable")
-        entries = object.__new__(cls)
-        entries.n_rows, entries.n_features = k * (b + 1), k * n
-        entries.feature, entries.row, entries.value = (torch.from_numpy(a) for a in (feature, row, value))
-        entries.relu_value = torch.from_numpy(relu_value)
-        u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=entries.n_rows)
-        entries.u_sq = torch.from_numpy(u_sq.astype(value.dtype))
-        entries.row_start = torch.from_numpy(_host_starts(row, entries.n_rows))
-        entries.row_by_feature = torch.from_numpy(row[order])
-        entries.value_by_feature = torch.from_numpy(value[order])
-        entries.relu_value_by_feature = torch.from_numpy(relu_value[order])
-        entries.feature_start = torch.from_numpy(_host_starts(feature, entries.n_features))
+        u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=k * (b + 1))
+        entries = cls(
+            *(torch.from_numpy(a) for a in (feature, row, value, relu_value, u_sq.astype(value.dtype))),
+            row_start=torch.from_numpy(_host_starts(row, k * (b + 1))),
+            row_by_feature=torch.from_numpy(row[order]),
+            value_by_feature=torch.from_numpy(value[order]),
+            relu_value_by_feature=torch.from_numpy(relu_value[order]),
+            feature_start=torch.from_numpy(_host_starts(feature, k * n)),
+            n_rows=k * (b + 1),
+            n_features=k * n,
+            n_instances=k,
+        )
         # Every instance has the same number of entries (padding included), and sorting by feature
-        # keeps the instances in order.
-        instance_by_feature = torch.from_numpy(np.arange(k).repeat(x.row.shape[1]))
-        entries.instance_by_feature = lambda k: instance_by_feature
-        entries.position_in_rows = lambda k: torch.from_numpy(row * n + x.feature.numpy().reshape(-1))
+        # keeps the instances in order: no division needed (it cost milliseconds at K = 82).
+        entries.__dict__["instance_by_feature"] = torch.from_numpy(np.arange(k).repeat(x.row.shape[1]))
         return entries
+
+    @functools.cached_property
+    def instance_by_feature(self) -> Tensor:
+        """The instance of every entry, in feature order."""
+        return torch.div(self.row_by_feature, self.n_rows // self.n_instances, rounding_mode="floor")
+
+    @functools.cached_property
+    def position_in_rows(self) -> Tensor:
+        """Every entry's index in a flattened (n_rows, n) stack of rows: row * n + its feature within its instance."""
+        n = self.n_features // self.n_instances
+        return self.row * n + self.feature % n
 
     def sum_by_row(self, table: Tensor, weight: Tensor) -> Tensor:
         """out[row_c] += weight_c table[feature_c]: (n_rows, width)."""
@@ -213,7 +239,7 @@ class _OneLayerLoss(torch.autograd.Function):
         else:
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
-            u.view(-1).index_add_(0, entries.position_in_rows(k), relu_value)  # + ReLU(x)
+            u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
             u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
         q = q.view(k, -1, m)
         t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
@@ -236,7 +262,7 @@ class _OneLayerLoss(torch.autograd.Function):
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
         if ctx.mean:  # g_b = grad_k / B for every row of instance k (padding and filler rows have h = 0)
             scale = grad * (2 / (n * ctx.batch_size))  # s_b of instance k's rows (K,)
-            s = scale.index_select(0, entries.instance_by_feature(k))
+            s = scale.index_select(0, entries.instance_by_feature)
         else:
             g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
             if ctx.rows is not None:  # to the rows the loss ran on: (K, R + 1), filler and padding get 0

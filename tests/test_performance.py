@@ -208,11 +208,8 @@ def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and
 
 def _entries(x: SparseInput, k: int, on_host: bool) -> fused_module._Entries:
     """`fused._Entries` of x as the CPU builds them (numpy) or as other devices do (torch)."""
-    if on_host:
-        return fused_module._Entries.on_host(x, k, x.value.dtype)
-    n, b, instance = x.n_features, x.batch_size, torch.arange(k)[:, None]
-    row = (instance * (b + 1) + x.row).reshape(-1)
-    return fused_module._Entries((instance * n + x.feature).reshape(-1), row, x.value.reshape(-1), k * (b + 1), k * n)
+    build = fused_module._Entries.on_host if on_host else fused_module._Entries.on_device
+    return build(x, k, x.value.dtype)
 
 
 @pytest.mark.parametrize("on_host", [True, False])
@@ -243,7 +240,8 @@ def test_entries_grouped_on_the_host_equal_the_device_grouping():
     assert (host.n_rows, host.n_features) == (device.n_rows, device.n_features) == (66, 60)
     for name in ("feature", "row", "value", "relu_value", "row_start", "row_by_feature", "value_by_feature"):
         assert torch.equal(getattr(host, name), getattr(device, name)), name
-    assert torch.equal(host.feature_start, device.feature_start)
+    for name in ("relu_value_by_feature", "feature_start", "instance_by_feature", "position_in_rows"):
+        assert torch.equal(getattr(host, name), getattr(device, name)), name
     assert torch.allclose(host.u_sq, device.u_sq, rtol=1e-6, atol=0)
 
 
