@@ -48,8 +48,8 @@ CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_v
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, the shell's convention).
 EXIT_SIGTERM = 143
 # Steps between redraws of the default progress bar. Lightning's own default redraws every step, which
-# cost about a quarter of `cis fit`'s speed on the 2-core test machine (README, Performance); a bar the
-# config brings keeps its own rate.
+# is measurably slower on the 2-core test machine (make bench's progress-bar rows; README, Performance);
+# a bar the config brings keeps its own rate.
 PROGRESS_BAR_REFRESH = 25
 
 
