@@ -8,6 +8,7 @@ every p, because an unrepresented active feature costs E[ReLU(x)^2] = 1/6 for x 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -98,13 +99,20 @@ def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
 def _label_map(model: CCModel, task: Task) -> Tensor | None:
     """S - L (K, n, n): the labels' linear part sigma M (+ I if residual) minus the model's skip path L."""
     r = task.scaled_mixing() if task.has_mixing else None
-    if model.residual:  # S - L = sigma M + (I - W_E W_E^T), the residual stream's own mixing (kept)
-        own = model.effective_mixing()
-        return own if r is None else r + own
+    if model.residual:
+        eye = _identity(task.n_features, task.mixing.device, task.mixing.dtype)
+        r = eye if r is None else r + eye
     skip = model.skip()
     if skip is not None:
         r = -skip if r is None else r - skip
     return r
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """I (n, n), made once per size and device (the label map asks for it every training step; never
+    changed in place)."""
+    return torch.eye(n, device=device, dtype=dtype)
 
 
 class LossPerFeature(Metric):

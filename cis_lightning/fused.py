@@ -56,19 +56,19 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     k = a.shape[0]
     # Not under torch.compile either: a new row count every step would recompile every step.
     if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
-        x, rows = drop_empty_rows(x)
+        x, rows = drop_empty_rows(x, sources=not mean)  # a mean puts nothing back in place
         entries = _Entries.on_host(x, k, a.dtype)
     else:
         entries = _Entries.on_device(x, k, a.dtype)
-    return _OneLayerLoss.apply(a, w, r, entries, None if mean else rows, batch_size, mean)
+    return _OneLayerLoss.apply(a, w, r, entries, rows, batch_size, mean)
 
 
-def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
+def drop_empty_rows(x: SparseInput, sources: bool = True) -> tuple[SparseInput, Tensor | None]:
     """x without its empty samples, and where each of its rows came from (on the host, in numpy).
 
     Returns the compact input (K, R, n) with R the most non-empty samples of any instance rounded up
     to a multiple of 64 (an instance with fewer has empty filler rows at the end), and rows (K, R):
-    the sample of x that each compact row is, or B for filler.
+    the sample of x that each compact row is, or B for filler (None unless `sources`).
     """
     row = x.row.numpy()  # (K, C), sorted per instance; padding entries have row B and come last
     k, b = row.shape[0], x.batch_size
@@ -80,11 +80,13 @@ def drop_empty_rows(x: SparseInput) -> tuple[SparseInput, Tensor]:
     # R rounded up to a multiple of 64 (at most B): a few shapes recur, so freed blocks fit again.
     n_rows = min(b, -(-int(first.sum(axis=1).max()) // 64) * 64) if row.size else 0
     compact_row = np.where(real, compact_row, n_rows)  # padding stays padding: row R
-    rows = np.full((k, n_rows + 1), b, dtype=row.dtype)
-    np.put_along_axis(rows, np.where(first, compact_row, n_rows), np.where(first, row, b), axis=1)
     compact = SparseInput(
         row=torch.from_numpy(compact_row), feature=x.feature, value=x.value, batch_size=n_rows, n_features=x.n_features
     )
+    if not sources:
+        return compact, None
+    rows = np.full((k, n_rows + 1), b, dtype=row.dtype)
+    np.put_along_axis(rows, np.where(first, compact_row, n_rows), np.where(first, row, b), axis=1)
     return compact, torch.from_numpy(rows[:, :n_rows])
 
 
@@ -94,16 +96,15 @@ class _Entries:
 
     By row (the order they come in: sorted by row), `row_start[j]` is the first entry of row j; by
     feature, `row_by_feature` and `value_by_feature` are the entries sorted by feature and
-    `feature_start[f]` the first of feature f. Starts come from counts (no search). `u_sq` (n_rows,)
-    is ||ReLU(x_b)||^2 per row. Rows and features are those of K stacked instances: row j of
-    instance j // (n_rows / K), feature f of instance f // (n_features / K).
+    `feature_start[f]` the first of feature f. Starts come from counts (no search). Rows and
+    features are those of K stacked instances: row j of instance j // (n_rows / K), feature f of
+    instance f // (n_features / K).
     """
 
     feature: Tensor
     row: Tensor
     value: Tensor
     relu_value: Tensor
-    u_sq: Tensor
     row_start: Tensor
     row_by_feature: Tensor
     value_by_feature: Tensor
@@ -129,7 +130,6 @@ class _Entries:
             row=row,
             value=value,
             relu_value=relu_value,
-            u_sq=torch.zeros(k * (b + 1), device=value.device, dtype=dtype).index_add_(0, row, relu_value.square()),
             row_start=_starts(row, k * (b + 1)),
             row_by_feature=row.index_select(0, order),
             value_by_feature=value_by_feature,
@@ -154,7 +154,7 @@ class _Entries:
         order = np.argsort(feature.astype(np.int16 if k * n <= 2**15 else np.int32), kind="stable")
         u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=k * (b + 1))
         entries = cls(
-            *(torch.from_numpy(a) for a in (feature, row, value, relu_value, u_sq.astype(value.dtype))),
+            *(torch.from_numpy(a) for a in (feature, row, value, relu_value)),
             row_start=torch.from_numpy(_host_starts(row, k * (b + 1))),
             row_by_feature=torch.from_numpy(row[order]),
             value_by_feature=torch.from_numpy(value[order]),
@@ -167,7 +167,14 @@ class _Entries:
         # Every instance has the same number of entries (padding included), and sorting by feature
         # keeps the instances in order: no division needed (it cost milliseconds at K = 82).
         entries.__dict__["instance_by_feature"] = torch.from_numpy(np.arange(k).repeat(x.row.shape[1]))
+        entries.__dict__["u_sq"] = torch.from_numpy(u_sq.astype(value.dtype))  # a bincount: microseconds
         return entries
+
+    @functools.cached_property
+    def u_sq(self) -> Tensor:
+        """||ReLU(x_b)||^2 per row (n_rows,): only labels without a linear part ask for it."""
+        u_sq = torch.zeros(self.n_rows, device=self.value.device, dtype=self.value.dtype)
+        return u_sq.index_add_(0, self.row, self.relu_value.square())
 
     @functools.cached_property
     def instance_by_feature(self) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cis_lightning.errors import check_sizes, require
-from cis_lightning.mixing import random_embedding
+from cis_lightning.mixing import embedding_mixing, random_embedding
 from cis_lightning.task import SparseInput, times
 
 if TYPE_CHECKING:
@@ -214,19 +214,13 @@ class ResidualMLP(CCModel):
         self.w_out = nn.Parameter(torch.stack(w_out))
         # G = W_E W_E^T (K, n, n) costs n^2 D per instance: made once, and again whenever W_E is
         # loaded or converted (a float32 G cast to float64 would not be W_E W_E^T in float64).
-        # I - G, the mixing matrix of the residual stream, is asked for every training step: kept too.
-        self.register_buffer("embed_gram", None, persistent=False)
-        self.register_buffer("embed_mixing", None, persistent=False)
-        self._refresh_gram(self)
+        self.register_buffer("embed_gram", self.w_embed @ self.w_embed.transpose(1, 2), persistent=False)
         self.register_load_state_dict_post_hook(ResidualMLP._refresh_gram)
 
     @staticmethod
     def _refresh_gram(module: ResidualMLP, incompatible_keys=None) -> None:
         with torch.no_grad():
             module.embed_gram = module.w_embed @ module.w_embed.transpose(1, 2)
-            n = module.embed_gram.shape[-1]
-            eye = torch.eye(n, dtype=module.embed_gram.dtype, device=module.embed_gram.device)
-            module.embed_mixing = eye - module.embed_gram  # embedding_mixing(w_embed), from the kept G
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -306,5 +300,5 @@ class ResidualMLP(CCModel):
 
     def effective_mixing(self) -> Tensor:
         """I - W_E W_E^T: the residual model's error against x + ReLU(x) equals the error of the MLP
-        (effective_weights) against ReLU(x) + (I - W_E W_E^T) x. Kept (do not change it in place)."""
-        return self.embed_mixing
+        (effective_weights) against ReLU(x) + (I - W_E W_E^T) x."""
+        return embedding_mixing(self.w_embed)

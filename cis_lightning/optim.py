@@ -23,6 +23,7 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         kwargs["fused"] = True
         super().__init__(params, **kwargs)
+        self._kept_state: dict[int, tuple] = {}  # id(group) -> (its params, their count, `_group_state`)
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         if _has_hooks(self):
@@ -80,7 +81,7 @@ class AdamW(torch.optim.AdamW):
         """(exp_avgs, exp_avg_sqs, [], steps) of a group, kept until the state is loaded anew; None
         before the first step (which creates the state) or where torch would group the tensors."""
         params = group["params"]
-        kept = self.__dict__.setdefault("_kept_state", {}).get(id(group))
+        kept = self._kept_state.get(id(group))
         if kept is not None and kept[0] is params and kept[1] == len(params):
             return kept[2]
         if not params or any(p.device != params[0].device or p.dtype != params[0].dtype for p in params):
@@ -97,8 +98,12 @@ class AdamW(torch.optim.AdamW):
         self._kept_state[id(group)] = (params, len(params), state)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._kept_state = {}  # torch pickles and copies only defaults, state and param groups
+
     def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__["_kept_state"] = {}  # the loaded state has new tensors
+        self._kept_state = {}  # the loaded state has new tensors
         super().load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -108,3 +108,19 @@ def test_step_hooks_run_around_the_step_as_torch_runs_them():
         optimizer.step()
     assert [name for name, _ in calls] == ["pre", "post", "pre", "post"]
     assert calls[0][1] != calls[1][1] == calls[2][1] != calls[3][1]  # each step moved a between its hooks
+
+
+def test_a_copied_optimizer_steps_its_own_state():
+    import copy
+
+    a = _parameters()[0]
+    optimizer = AdamW([a], lr=0.1)
+    for _ in range(2):
+        a.grad = torch.ones_like(a)
+        optimizer.step()
+    twin = copy.deepcopy(optimizer)
+    twin_a = twin.param_groups[0]["params"][0]
+    twin_a.grad = torch.ones_like(twin_a)
+    twin.step()
+    assert torch.equal(twin.state[twin_a]["step"], torch.tensor(3.0))
+    assert torch.equal(optimizer.state[a]["step"], torch.tensor(2.0))  # the original's state is untouched
