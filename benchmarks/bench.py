@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -141,19 +142,30 @@ def reference_evaluate(model: MLP, p: float, n_nonempty: int = 1_000_000, batch_
 
 
 # -- cis_lightning --------------------------------------------------------------------------------------
-def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH) -> float:
+def clean_task() -> Task:
+    """mlp_clean.yaml's task at the bench's settings: one instance at p = P, labels ReLU(x)."""
+    return Task([Instance(feature_probability=P, mixing=Mixing("none"))], N_FEATURES)
+
+
+def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss: Callable | None = None) -> float:
     """The pure-torch core's training step without Lightning: cis's draw, loss, backward, AdamW
     (`cis_lightning.optim`) and cosine schedule, as `cis fit` runs them on mlp_clean.yaml. What
-    Lightning's loop adds is the difference (measured at batch 8 too, where the arithmetic is negligible)."""
-    task = Task([Instance(feature_probability=P, mixing=Mixing("none"))], N_FEATURES)
-    model = MLP(N_FEATURES, D_MLP)
+    Lightning's loop adds is the difference (measured at batch 8 too, where the arithmetic is negligible).
+
+    `loss(model, task, t)`: the training loss (K,) of step t, called for t = 0, 1, ... in order
+    (default: `mean_loss` of cis's draw of step t)."""
+    task, model = clean_task(), MLP(N_FEATURES, D_MLP)
     optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + steps)
 
+    def draw_and_loss(model: MLP, task: Task, t: int) -> torch.Tensor:
+        return mean_loss(model, task, task.draw(batch_size, t))
+
+    loss = loss or draw_and_loss
+
     def step(t: int) -> None:
-        x = task.draw(batch_size, t)
         optimizer.zero_grad()
-        mean_loss(model, task, x).sum().backward()
+        loss(model, task, t).sum().backward()
         optimizer.step()
         schedule.step()
 

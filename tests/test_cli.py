@@ -148,7 +148,7 @@ def _progress_bars(cli) -> list:
 def test_the_default_progress_bar_redraws_every_few_steps_and_a_configured_one_keeps_its_rate(tiny):
     from cis_lightning.main import PROGRESS_BAR_REFRESH
 
-    args = [a if a != "false" else "true" for a in tiny(steps=2)]  # the progress bar on
+    args = [*tiny(steps=2), "--trainer.enable_progress_bar", "true"]
     (bar,) = _progress_bars(run(["fit", *args]))
     assert bar.refresh_rate == PROGRESS_BAR_REFRESH > 1
     own = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3"]
