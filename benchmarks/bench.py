@@ -7,6 +7,7 @@ Everything runs in one invocation on the same machine, with the same torch threa
   `rand < p` mask, dense uniform values, dense matmuls, AdamW, cosine schedule, `loss.item()` each
   step as the paper's loop does), both on the simplified MLP at p = 0.01, batch 2048, n = 100, d_mlp = 50;
 - the residual model (d_embed = 1000) against the MLP, K = 16 instances against K = 1, K = 82 in one process;
+- merging single-feature samples in the training loss (`fused.MERGE_SINGLE_FROM`) at K = 16 and at K = 1;
 - evaluation: L / p at p = 0.001 with stderr < 0.5%, stratified and exact (`evaluate`) against the
   paper's brute force (1e6 non-empty samples in dense batches of 100,000); ten instances of p from
   0.001 to 1 with each stratum drawn for the instances it matters to, against drawing it for all;
@@ -40,6 +41,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from cis_lightning import fused
 from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
 from cis_lightning.main import PROGRESS_BAR_REFRESH, run
@@ -287,6 +289,17 @@ def memory_run(steps: int) -> tuple[float, list[dict]]:
     return next(line["peak_mb"] for line in lines if "peak_mb" in line), probes
 
 
+@contextlib.contextmanager
+def merging_single_feature_samples(on: bool):
+    """Batch means merge their single-feature samples always (on) or never (off), whatever K B is."""
+    default = fused.MERGE_SINGLE_FROM
+    fused.MERGE_SINGLE_FROM = 0 if on else sys.maxsize
+    try:
+        yield
+    finally:
+        fused.MERGE_SINGLE_FROM = default
+
+
 def k16_untuned(warmup: int, steps: int) -> float:
     """K = 16 steps/s in a child process with glibc's default allocator thresholds (no keep_freed_memory)."""
     env = dict(os.environ, CIS_KEEP_FREED_MEMORY="0")
@@ -377,6 +390,7 @@ def main() -> None:
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
+    k16_unmerged, core_merged = [], []
     bar, bar_every_step = [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
@@ -388,6 +402,10 @@ def main() -> None:
         # torch.compile of the loss: compiled during the warm-up, so not timed.
         compiled.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, ["--model.compile", "true"]))
         k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+        with merging_single_feature_samples(False):
+            k16_unmerged.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+        with merging_single_feature_samples(True):
+            core_merged.append(core_steps_per_second(w, s))
         bare.append(bare_lightning_ms(w, 4 * s))
         # Lightning's bars draw on stdout: into /dev/null here, a real file (a StringIO cost nothing).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
@@ -396,8 +414,8 @@ def main() -> None:
             every_step = [*bar_on, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
             every_step += ["--trainer.callbacks.refresh_rate", "1"]
             bar_every_step.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, every_step))
-    ref, mlp, residual, compiled, k16, core, core8, mlp8 = (
-        statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8)
+    ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged = (
+        statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged)
     )
     bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
     bar, bar_every_step = statistics.median(bar), statistics.median(bar_every_step)
@@ -430,6 +448,7 @@ def main() -> None:
         ("  ratio cis / reference", f"{mlp / ref:.2f}x", ">= 3x"),
         ("  the same step in the pure-torch core (no Lightning), steps/s", f"{core:.1f}", ""),
         ("  ratio core step / reference", f"{core / ref:.2f}x", ""),
+        ("  the core step with single-feature samples merged (not done at K=1), steps/s", f"{core_merged:.1f}", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
         ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),
         (f"  with cis's progress bar (redrawn every {PROGRESS_BAR_REFRESH} steps), steps/s", f"{bar:.1f}", ""),
@@ -440,6 +459,7 @@ def main() -> None:
         ("  residual step time / MLP step time", f"{mlp / residual:.2f}x", "<= 1.5x"),
         ("cis fit K=16 instance-steps/s", f"{16 * k16:.1f}", ""),
         ("  K=16 / K=1 instance-steps/s", f"{16 * k16 / k1:.2f}x", ">= 2x"),
+        ("  K=16 without merging single-feature samples, instance-steps/s", f"{16 * k16_unmerged:.1f}", ""),
         (
             "  K=16 with glibc's default malloc thresholds (child), instance-steps/s",
             f"{16 * k16_default_allocator:.1f}",

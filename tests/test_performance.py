@@ -158,6 +158,48 @@ def test_drop_empty_rows_on_a_hand_made_batch():
     assert compact.batch_size == 64 and rows[:, :2].tolist() == [[0, 2], [3, 200]] and (rows[:, 2:] == 200).all()
 
 
+def test_merging_single_feature_samples_on_a_hand_made_batch():
+    # Instance 0: samples 0, 2 (+e_1) and 3 (-e_1) have one entry each, sample 1 two, sample 4 one
+    # (+e_2), one padding entry. Instance 1: two samples of -e_0, and nothing else.
+    x = SparseInput(
+        row=torch.tensor([[0, 1, 1, 2, 3, 4, 6], [1, 5, 6, 6, 6, 6, 6]]),
+        feature=torch.tensor([[1, 0, 3, 1, 1, 2, 0], [0, 0, 0, 0, 0, 0, 0]]),
+        value=torch.tensor([[0.6, 0.5, -0.25, 0.8, -0.5, 0.3, 0.0], [-0.3, -0.4, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+        batch_size=6,
+        n_features=4,
+    )
+    compact, rows = fused_module.drop_empty_rows(x, sources=False, merge_single=True)
+    assert rows is None and compact.batch_size == 6  # 4 rows kept at most, rounded up to 64, at most B
+    # +0.6 e_1 and +0.8 e_1 become one sample of 1.0 e_1 (0.36 + 0.64 = 1); -0.5 e_1 stays apart (its
+    # sign differs), and so do sample 1 (two entries) and +0.3 e_2; -0.3 e_0 and -0.4 e_0 give -0.5 e_0.
+    e = torch.eye(4)
+    merged = [[0.5 * e[0] - 0.25 * e[3], 1.0 * e[1], -0.5 * e[1], 0.3 * e[2]], [-0.5 * e[0]]]
+    for instance, expected in enumerate(merged):
+        dense = compact.dense()[instance]
+        kept = dense[dense.abs().sum(dim=1) > 0]
+        assert kept.shape[0] == len(expected) and (dense[len(expected) :] == 0).all()  # kept rows come first
+        assert torch.allclose(torch.tensor(sorted(kept.tolist())), torch.tensor(sorted(r.tolist() for r in expected)))
+    # Entries stay in place: merged-away ones keep their feature with value 0 in a kept row (sorted rows).
+    assert compact.row.shape == x.row.shape and torch.equal(compact.feature, x.feature)
+    assert (compact.row[:, 1:] >= compact.row[:, :-1]).all() and compact.row[0, -1] == 6
+    with pytest.raises(ValueError, match="merge_single"):
+        fused_module.drop_empty_rows(x, sources=True, merge_single=True)
+
+
+@pytest.mark.parametrize("n_instances", [1, 2])
+def test_a_batch_mean_merges_single_feature_samples_from_merge_single_from_samples_on(n_instances, monkeypatch):
+    calls = []
+    drop = fused_module.drop_empty_rows
+    monkeypatch.setattr(fused_module, "drop_empty_rows", lambda x, **kw: calls.append(kw) or drop(x, **kw))
+    model = MLP(n_features=30, d_mlp=8, seeds=list(range(n_instances)))
+    task = Task([Instance(0.05, seed=i) for i in range(n_instances)], 30)
+    batch_size = fused_module.MERGE_SINGLE_FROM // 2  # K B reaches the threshold at K = 2
+    x = task.draw(batch_size, step=0)
+    evaluation.mean_loss(model, task, x)
+    per_sample_loss(model, task, x)
+    assert calls == [{"sources": False, "merge_single": n_instances == 2}, {"sources": True, "merge_single": False}]
+
+
 @pytest.mark.parametrize("p", [(0.1, 0.0), (0.0, 0.0), (0.15, 0.05)])
 def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch):
     """Values and gradients of `fused.one_layer_loss` with and without dropping empty samples, with
@@ -182,15 +224,17 @@ def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "residual"])
-@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("path", ["host", "host, single-feature samples merged", "device"])
 @pytest.mark.parametrize("p", [(0.1, 0.05), (0.1, 0.0)])
 def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and_gradients(
-    network_name, host, p, monkeypatch
+    network_name, path, p, monkeypatch
 ):
     """`mean_loss` (the fused loss's mean, whose backward spreads grad_k / B over the rows itself)
     against per_sample_loss(...).mean(1), with a frozen (empty) instance and a rank's padding entries,
-    on the CPU's host path and on the path other devices take."""
-    monkeypatch.setattr(fused_module, "HOST_PATH_ON", ("cpu",) if host else ())
+    on the CPU's host path (with and without merging single-feature samples, which a batch this
+    small would not do by itself) and on the path other devices take."""
+    monkeypatch.setattr(fused_module, "HOST_PATH_ON", () if path == "device" else ("cpu",))
+    monkeypatch.setattr(fused_module, "MERGE_SINGLE_FROM", 0 if "merged" in path else 10**9)
     model = _perturbed(NETWORKS[network_name]())
     task = TASKS["learned sigma, symmetric M"](False).double()
     x = task.draw(300, step=4, rank=1, world_size=3, feature_probability=list(p))
