@@ -396,6 +396,8 @@ def main() -> None:
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
         core.append(core_steps_per_second(w, s))
+        with merging_single_feature_samples(True):  # right after the same step unmerged
+            core_merged.append(core_steps_per_second(w, s))
         core8.append(core_steps_per_second(w, 4 * s, batch_size=8))
         mlp8.append(cis_steps_per_second("configs/mlp_clean.yaml", w, 4 * s, ["--data.batch_size", "8"]))
         residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
@@ -404,8 +406,6 @@ def main() -> None:
         k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
         with merging_single_feature_samples(False):
             k16_unmerged.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
-        with merging_single_feature_samples(True):
-            core_merged.append(core_steps_per_second(w, s))
         bare.append(bare_lightning_ms(w, 4 * s))
         # Lightning's bars draw on stdout: into /dev/null here, a real file (a StringIO cost nothing).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
@@ -414,6 +414,9 @@ def main() -> None:
             every_step = [*bar_on, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
             every_step += ["--trainer.callbacks.refresh_rate", "1"]
             bar_every_step.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, every_step))
+    # Adjacent measurements: the ratio of each repeat, then its median (less of the machine's drift).
+    merged_gain_k1 = statistics.median(a / b for a, b in zip(core_merged, core, strict=True))
+    merged_gain_k16 = statistics.median(a / b for a, b in zip(k16, k16_unmerged, strict=True))
     ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged = (
         statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged)
     )
@@ -449,6 +452,7 @@ def main() -> None:
         ("  the same step in the pure-torch core (no Lightning), steps/s", f"{core:.1f}", ""),
         ("  ratio core step / reference", f"{core / ref:.2f}x", ""),
         ("  the core step with single-feature samples merged (not done at K=1), steps/s", f"{core_merged:.1f}", ""),
+        ("    merged / unmerged, median of the repeats' ratios", f"{merged_gain_k1:.2f}x", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
         ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),
         (f"  with cis's progress bar (redrawn every {PROGRESS_BAR_REFRESH} steps), steps/s", f"{bar:.1f}", ""),
@@ -460,6 +464,7 @@ def main() -> None:
         ("cis fit K=16 instance-steps/s", f"{16 * k16:.1f}", ""),
         ("  K=16 / K=1 instance-steps/s", f"{16 * k16 / k1:.2f}x", ">= 2x"),
         ("  K=16 without merging single-feature samples, instance-steps/s", f"{16 * k16_unmerged:.1f}", ""),
+        ("    merged / unmerged, median of the repeats' ratios", f"{merged_gain_k16:.2f}x", ""),
         (
             "  K=16 with glibc's default malloc thresholds (child), instance-steps/s",
             f"{16 * k16_default_allocator:.1f}",
