@@ -203,9 +203,14 @@ class _Entries:
         row = (instance * (b + 1) + x.row.numpy()).reshape(-1)
         value = x.value.to(dtype).numpy().reshape(-1)
         relu_value = np.maximum(value, 0)
-        # numpy sorts 16-bit keys stably by radix (about 10 us for a batch's entries; torch.sort, a
-        # comparison sort whose branches fresh data defeats, took about 75 us).
-        order = np.argsort(feature.astype(np.int16 if k * n <= 2**15 else np.int32), kind="stable")
+        # numpy sorts small integer keys stably by radix (about 10 us for a batch's entries; torch.sort,
+        # a comparison sort whose branches fresh data defeats, took about 75 us). Each instance's entries
+        # sorted by their own feature (8-bit keys for n <= 256: one counting pass), then offset, are
+        # the stable order of the stacked ids: 160 us instead of 440 at K = 16, 0.65 ms instead of 3.4
+        # at K = 82 against sorting the stacked 16-bit ids.
+        local = x.feature.numpy()  # (K, C)
+        key = local.astype(np.uint8 if n <= 2**8 else np.int16 if n <= 2**15 else np.int32)
+        order = (np.argsort(key, axis=1, kind="stable") + (np.arange(k) * local.shape[1])[:, None]).reshape(-1)
         u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=k * (b + 1))
         entries = cls(
             *(torch.from_numpy(a) for a in (feature, row, value, relu_value)),

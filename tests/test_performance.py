@@ -275,13 +275,14 @@ def test_entries_of_a_hand_made_batch_are_grouped_by_row_and_by_feature(on_host)
     assert entries.u_sq.tolist() == [0.25, 0.0, 0.0625, 0.0]  # ||ReLU(x_b)||^2
 
 
-def test_entries_grouped_on_the_host_equal_the_device_grouping():
+@pytest.mark.parametrize("n", [30, 300])  # the host sorts 8-bit feature keys up to n = 256, 16-bit above
+def test_entries_grouped_on_the_host_equal_the_device_grouping(n):
     """The numpy path of a CPU builds exactly what torch builds elsewhere, for two instances and a
     rank's share (padding entries of other ranks included)."""
-    task = Task([Instance(feature_probability=0.1), Instance(feature_probability=0.05, seed=1)], 30)
+    task = Task([Instance(feature_probability=0.1), Instance(feature_probability=0.05, seed=1)], n)
     x = task.draw(64, step=2, rank=1, world_size=2)
     host, device = _entries(x, 2, on_host=True), _entries(x, 2, on_host=False)
-    assert (host.n_rows, host.n_features) == (device.n_rows, device.n_features) == (66, 60)
+    assert (host.n_rows, host.n_features) == (device.n_rows, device.n_features) == (66, 2 * n)
     for name in ("feature", "row", "value", "relu_value", "row_start", "row_by_feature", "value_by_feature"):
         assert torch.equal(getattr(host, name), getattr(device, name)), name
     for name in ("relu_value_by_feature", "feature_start", "instance_by_feature", "position_in_rows"):
