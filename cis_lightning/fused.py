@@ -87,13 +87,22 @@ def drop_empty_rows(
     `merge_single` (for a batch mean only, so not with `sources`): the samples with one active
     feature that share its feature and sign become one sample (`_merge_single_entry_rows`), which
     leaves about 737 of the 1,298 non-empty rows of a batch at p = 0.01, n = 100. The entries of
-    the merged-away samples stay, with value 0, in the row before them (they add nothing).
+    the merged-away samples stay, with value 0, in the row before them (they add nothing), and the
+    padding entries past the most real entries of any instance (rounded up to 64) are dropped.
     """
     if merge_single and sources:
         raise ValueError("merge_single changes the samples: only a batch mean (sources=False) may ask for it")
     row = x.row.numpy()  # (K, C), sorted per instance; padding entries have row B and come last
     k, b = row.shape[0], x.batch_size
     real = row < b
+    if merge_single:
+        # The draw leaves room for 10 standard deviations more entries than it expects (about 20% of
+        # them padding at B = 2048, p = 0.01): keep the columns the fullest instance needs, rounded up
+        # to a multiple of 64 (2.7% faster steps at K = 16, 7.8% at K = 82; 1.5% slower at K = 1, which does not merge).
+        width = max(64, -(-int(real.sum(axis=1).max()) // 64) * 64)
+        if width < row.shape[1]:
+            row, real = row[:, :width], real[:, :width]
+            x = dataclasses.replace(x, row=x.row[:, :width], feature=x.feature[:, :width], value=x.value[:, :width])
     first = np.ones_like(real)
     first[:, 1:] = row[:, 1:] != row[:, :-1]
     value = x.value
@@ -104,7 +113,7 @@ def drop_empty_rows(
         first &= ~merged_away
     first &= real  # the first entry of every (kept) non-empty sample
     # Merged-away entries before an instance's first kept row go to row 0 (with value 0, harmless).
-    compact_row = np.maximum(np.cumsum(first, axis=1) - 1, 0)
+    compact_row = np.maximum(_cumsum(first, axis=1) - 1, 0)
     # R rounded up to a multiple of 64 (at most B): a few shapes recur, so freed blocks fit again.
     n_rows = min(b, -(-int(first.sum(axis=1).max()) // 64) * 64) if row.size else 0
     compact_row = np.where(real, compact_row, n_rows)  # padding stays padding: row R
@@ -266,7 +275,14 @@ def _starts(group: Tensor, n_groups: int) -> Tensor:
 def _host_starts(group: np.ndarray, n_groups: int) -> np.ndarray:
     """`_starts` in numpy."""
     counts = np.bincount(group, minlength=n_groups)
-    return np.cumsum(counts) - counts
+    return _cumsum(counts, axis=0) - counts
+
+
+def _cumsum(a: np.ndarray, axis: int) -> np.ndarray:
+    """np.cumsum(a, axis) of a bool or integer array, in int64, by torch's kernel: numpy's integer
+    cumsum is a scalar loop, 4 to 10 times slower here (1.5 ms against 0.14 on a K = 82 batch's
+    entries; 11 against 8 us at K = 1)."""
+    return torch.cumsum(torch.from_numpy(a), dim=axis).numpy()
 
 
 def _bag(index: Tensor, table: Tensor, starts: Tensor, weight: Tensor) -> Tensor:

@@ -184,6 +184,19 @@ def test_merging_single_feature_samples_on_a_hand_made_batch():
     assert (compact.row[:, 1:] >= compact.row[:, :-1]).all() and compact.row[0, -1] == 6
     with pytest.raises(ValueError, match="merge_single"):
         fused_module.drop_empty_rows(x, sources=True, merge_single=True)
+    # Padding columns past the fullest instance's entries, rounded up to 64, go; the batch stays.
+    padding = 130
+    wide = SparseInput(
+        row=torch.cat([x.row, torch.full((2, padding), 6)], dim=1),
+        feature=torch.cat([x.feature, torch.zeros(2, padding, dtype=torch.long)], dim=1),
+        value=torch.cat([x.value, torch.zeros(2, padding)], dim=1),
+        batch_size=6,
+        n_features=4,
+    )
+    trimmed, _ = fused_module.drop_empty_rows(wide, sources=False, merge_single=True)
+    assert trimmed.row.shape == (2, 64) and torch.equal(trimmed.dense(), compact.dense())
+    assert torch.equal(trimmed.row[:, :7], compact.row) and (trimmed.row[:, 7:] == 6).all()
+    assert fused_module.drop_empty_rows(wide, sources=False)[0].row.shape == wide.row.shape  # no merge, no trim
 
 
 @pytest.mark.parametrize("n_instances", [1, 2])
