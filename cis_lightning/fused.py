@@ -8,7 +8,7 @@ a step of this model costs per-kernel overhead far more than arithmetic).
 
 Per sample b (n features, m neurons), with G = W^T W and q_b = W^T u_b:
 
-    loss_b = (h_b . G h_b - 2 h_b . q_b + ||u_b||^2) / n
+    loss_b = (h_b . G h_b - 2 h_b . q_b + ||u_b||^2) / n,     sum_b h_b . G h_b = <G, H^T H> (rows h_b of H)
 
 and with s_b = 2 g_b / n for the incoming gradient g:
 
@@ -299,8 +299,9 @@ def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
 
 
 class _OneLayerLoss(torch.autograd.Function):
-    # Passes over (K, B, m) tensors are what a big K pays for (memory traffic), so they are counted:
-    # forward ReLU, t = G h - 2 q, h * t and its sum; backward t + q, the ReLU mask and h * g.
+    # Passes over (K, B, m) tensors are what a big K pays for (memory traffic), so they are counted.
+    # Batch mean: forward ReLU and h . q; backward the ReLU mask (G h - q is fused into its product).
+    # Per sample: forward ReLU, t = G h - 2 q, h * t and its sum; backward t + q, the ReLU mask, h * g.
     # The per-row factor 2 g_b / n of the backward goes into the per-entry weights instead (O(C)).
 
     @staticmethod
@@ -325,12 +326,18 @@ class _OneLayerLoss(torch.autograd.Function):
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
             u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
         q = q.view(k, -1, m)
-        t = torch.bmm(h, w.transpose(1, 2) @ w).sub_(q, alpha=2)  # G h - 2 q
+        gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
-        ctx.save_for_backward(a, w, h, t, q, r, u)
         if mean:  # the sum over each instance's rows (padding and filler rows have loss 0), over n B
-            total = torch.linalg.vecdot(h.view(k, -1), t.view(k, -1)).add_(u_sq.view(k, -1).sum(dim=1))
+            # sum_b h_b . G h_b = <G, H^T H>: H^T H is the backward's dL/dG up to a factor, so G h is
+            # made once, in the backward (baddbmm: G h - q in one pass).
+            gram_h = torch.bmm(h.transpose(1, 2), h)
+            ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
+            total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
+            total.sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
             return total.div_(n * batch_size)
+        t = torch.bmm(h, gram).sub_(q, alpha=2)  # G h - 2 q
+        ctx.save_for_backward(a, w, h, t, q, r, u, None)
         loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
         if rows is None:
             return loss[:, :batch_size]
@@ -339,7 +346,7 @@ class _OneLayerLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        a, w, h, t, q, r, u = ctx.saved_tensors
+        a, w, h, t_or_gram, q, r, u, gram_h = ctx.saved_tensors  # mean: G (K, m, m), else t = G h - 2 q
         entries = ctx.entries
         k, m, n = a.shape
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
@@ -354,12 +361,13 @@ class _OneLayerLoss(torch.autograd.Function):
         weight, relu_weight = entries.value_by_feature * s, entries.relu_value_by_feature * s
         grad_a = grad_w = grad_r = None
         if ctx.needs_input_grad[0]:
-            d_pre = _relu_backward(t + q, h).view(-1, m)  # (G h - q) through the ReLU, per unit s_b
+            g_h = torch.baddbmm(q, h, t_or_gram, beta=-1) if ctx.mean else t_or_gram + q  # G h - q
+            d_pre = _relu_backward(g_h, h).view(-1, m)  # through the ReLU, per unit s_b
             grad_a = entries.sum_by_feature(d_pre, weight).view(k, n, m).transpose(1, 2)
         h_rows = h.view(-1, m)
         if ctx.needs_input_grad[1]:
             if ctx.mean:  # dL/dG (K, m, m), symmetric: sum_b (g_b / n) h_b h_b^T
-                d_gram = torch.bmm(h.transpose(1, 2), h).mul_((scale / 2)[:, None, None])
+                d_gram = gram_h * (scale / 2)[:, None, None]
             else:
                 d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)
             grad_w = 2 * torch.bmm(w, d_gram)
