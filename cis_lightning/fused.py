@@ -221,13 +221,14 @@ class _Entries:
         # at K = 82 against sorting the stacked 16-bit ids.
         key = local.astype(np.uint8 if n <= 2**8 else np.int16 if n <= 2**15 else np.int32)
         order = (np.argsort(key, axis=1, kind="stable") + instance * c).reshape(-1)
-        u_sq = np.bincount(row, weights=relu_value.astype(np.float64) ** 2, minlength=k * (b + 1))
+        u_sq = np.bincount(row, weights=np.square(relu_value, dtype=np.float64), minlength=k * (b + 1))
+        value_by_feature = value[order]
         entries = cls(
             *(torch.from_numpy(a) for a in (feature, row, value, relu_value)),
             row_start=torch.from_numpy(_host_starts(row, k * (b + 1))),
             row_by_feature=torch.from_numpy(row[order]),
-            value_by_feature=torch.from_numpy(value[order]),
-            relu_value_by_feature=torch.from_numpy(relu_value[order]),
+            value_by_feature=torch.from_numpy(value_by_feature),
+            relu_value_by_feature=torch.from_numpy(np.maximum(value_by_feature, 0)),  # cheaper than a gather
             feature_start=torch.from_numpy(_host_starts(feature, k * n)),
             n_rows=k * (b + 1),
             n_features=k * n,
