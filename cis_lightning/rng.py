@@ -35,6 +35,8 @@ _LOW_BITS = {shift: (1 << (64 - shift)) - 1 for shift in (30, 27, 31, 11)}
 
 def _shift_right(z: Array, shift: int) -> Array:
     """Logical right shift of int64 (>> of a signed integer is arithmetic)."""
+    if isinstance(z, np.ndarray):  # one pass: numpy shifts uint64 logically (torch cannot shift uint64)
+        return (z.view(np.uint64) >> np.uint64(shift)).view(np.int64)
     return (z >> shift) & _LOW_BITS[shift]
 
 
