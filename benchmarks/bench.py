@@ -8,6 +8,7 @@ Everything runs in one invocation on the same machine, with the same torch threa
   step as the paper's loop does), both on the simplified MLP at p = 0.01, batch 2048, n = 100, d_mlp = 50;
 - the residual model (d_embed = 1000) against the MLP, K = 16 instances against K = 1, K = 82 in one process;
 - merging single-feature samples in the training loss (`fused.MERGE_SINGLE_FROM`) at K = 16 and at K = 1;
+- the training draw through torch.compile (`--data.compile true`) at K = 16 and K = 82;
 - evaluation: L / p at p = 0.001 with stderr < 0.5%, stratified and exact (`evaluate`) against the
   paper's brute force (1e6 non-empty samples in dense batches of 100,000); ten instances of p from
   0.001 to 1 with each stratum drawn for the instances it matters to, against drawing it for all;
@@ -390,7 +391,8 @@ def main() -> None:
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
-    k16_unmerged, core_merged = [], []
+    k16_unmerged, core_merged, k16_compiled_draw = [], [], []
+    compile_draw = ["--data.compile", "true"]
     bar, bar_every_step = [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
@@ -406,6 +408,9 @@ def main() -> None:
         k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
         with merging_single_feature_samples(False):
             k16_unmerged.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+        # The draw compiled during the warm-up (a few seconds), so not timed.
+        k16_draw_compiled = seeds_grid(16) + compile_draw
+        k16_compiled_draw.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_draw_compiled))
         bare.append(bare_lightning_ms(w, 4 * s))
         # Lightning's bars draw on stdout: into /dev/null here, a real file (a StringIO cost nothing).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
@@ -417,14 +422,17 @@ def main() -> None:
     # Adjacent measurements: the ratio of each repeat, then its median (less of the machine's drift).
     merged_gain_k1 = statistics.median(a / b for a, b in zip(core_merged, core, strict=True))
     merged_gain_k16 = statistics.median(a / b for a, b in zip(k16, k16_unmerged, strict=True))
-    ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged = (
-        statistics.median(v) for v in (ref, mlp, residual, compiled, k16, core, core8, mlp8, k16_unmerged, core_merged)
+    compiled_draw_gain_k16 = statistics.median(a / b for a, b in zip(k16_compiled_draw, k16, strict=True))
+    ref, mlp, residual, compiled, core, core8, mlp8, core_merged = (
+        statistics.median(v) for v in (ref, mlp, residual, compiled, core, core8, mlp8, core_merged)
     )
+    k16, k16_unmerged, k16_compiled_draw = (statistics.median(v) for v in (k16, k16_unmerged, k16_compiled_draw))
     bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
     bar, bar_every_step = statistics.median(bar), statistics.median(bar_every_step)
     k1 = mlp
     k16_default_allocator = k16_untuned(w, k16_steps)
     k82 = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82))
+    k82_compiled_draw = cis_steps_per_second("configs/mlp_clean.yaml", 10, 40, seeds_grid(82) + compile_draw)
 
     # Evaluation at p = 0.001 of one (untrained, Kaiming-initialised) MLP.
     p_eval = 0.001
@@ -470,7 +478,10 @@ def main() -> None:
             f"{16 * k16_default_allocator:.1f}",
             "",
         ),
+        ("  K=16 --data.compile true (the draw compiled), instance-steps/s", f"{16 * k16_compiled_draw:.1f}", ""),
+        ("    compiled draw / eager draw, median of the repeats' ratios", f"{compiled_draw_gain_k16:.2f}x", ""),
         ("cis fit K=82 in one process, steps/s", f"{k82:.2f}", "runs"),
+        ("  K=82 --data.compile true, steps/s", f"{k82_compiled_draw:.2f}", ""),
         ("eval p=0.001 brute force (1e6 non-empty, dense), s", f"{brute_seconds:.2f}", ""),
         ("eval p=0.001 stratified + exact, s", f"{fast_seconds:.3f}", ""),
         ("  speed-up", f"{brute_seconds / fast_seconds:.0f}x", ">= 20x"),

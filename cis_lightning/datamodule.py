@@ -88,6 +88,12 @@ class CCDataModule(pl.LightningDataModule):
     each instance exactly as in the unsharded run (instances never interact: the loss is a sum of
     per-instance losses, and an instance's data and initialisation depend only on its seed). Instance
     numbers restart at 0 in each shard; the setting columns of results.csv identify the instances.
+
+    `compile`: draw the training batches (at p <= 0.2) through torch.compile: the same bits from a
+    few fused passes instead of some 35 operations on (K, 2 B n p) numbers, at a few seconds of
+    compiling at the start. For sweeps on a CPU (K = 16: 0.76 ms a draw instead of 1.59) and on a
+    GPU (fewer kernel launches); a CPU draw small enough for numpy (K below about 6 at p = 0.01)
+    stays in numpy, which is faster there.
     """
 
     def __init__(
@@ -104,8 +110,11 @@ class CCDataModule(pl.LightningDataModule):
         eval_batch_size: int = 65536,
         grid: dict[str, list[Any]] | None = None,
         shard: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
+        require(isinstance(compile, bool), "data.compile", f"must be true or false, got {compile!r}")
+        self.compile = compile
         check_sizes(
             **{
                 "data.n_features": n_features,
@@ -174,5 +183,5 @@ class CCDataModule(pl.LightningDataModule):
             if self.train_steps is not None and step >= min(self.train_steps):
                 training = training_instances(self.train_steps, step)
                 ps = [i.feature_probability if k in training else 0.0 for k, i in enumerate(self.task.instances)]
-            return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world, ps)
+            return self.task.draw(self.batch_size, step, Stream.TRAIN, rank, world, ps, compiled=self.compile)
         return self.task.sample(self.eval_batch_size, step, Stream(stream))

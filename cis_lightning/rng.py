@@ -79,14 +79,18 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
     return _to_unit(mix64(key + (index + 1) * _GOLDEN))
 
 
-def uniform_first(key: Array, count: int) -> Array:
-    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters' part kept per size."""
-    device = "numpy" if isinstance(key, np.ndarray) else key.device
-    return _to_unit(mix64(key + _first_counters(count, device)))
+def uniform_first(key: Array, count: int, counters: Array | None = None) -> Array:
+    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters' part kept per size
+    (`first_counters`; a torch.compile graph gets them as an input: inductor cannot fold their
+    64-bit products)."""
+    if counters is None:
+        counters = first_counters(count, "numpy" if isinstance(key, np.ndarray) else key.device)
+    return _to_unit(mix64(key + counters))
 
 
 @functools.lru_cache(maxsize=16)
-def _first_counters(count: int, device: torch.device | str) -> Array:
+def first_counters(count: int, device: torch.device | str) -> Array:
+    """(arange(count) + 1) * golden, the per-index part of `uniform_first` ("numpy": an array)."""
     if device == "numpy":
         return (np.arange(count, dtype=np.int64) + 1) * _GOLDEN
     return (torch.arange(count, device=device) + 1) * _GOLDEN

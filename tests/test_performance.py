@@ -427,6 +427,45 @@ def test_a_compiled_training_step_trains_the_same_weights(tmp_path):
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
+def test_a_compiled_draw_draws_the_same_batches(monkeypatch):
+    """`Task.draw(..., compiled=True)` (`--data.compile`) gives the eager draw's entries bit for bit,
+    with a frozen instance (p = 0) and a rank's share; a draw small enough for numpy stays in numpy."""
+    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)  # the torch path, as at large K or on a GPU
+    task = Task([Instance(0.05, seed=0), Instance(0.1, seed=1)], 30)
+    for step, p in [(0, None), (1, None), (2, [0.1, 0.0])]:
+        eager = task.draw(96, step, rank=1, world_size=2, feature_probability=p)
+        compiled = task.draw(96, step, rank=1, world_size=2, feature_probability=p, compiled=True)
+        for name in ("row", "feature", "value"):
+            assert torch.equal(getattr(eager, name), getattr(compiled, name)), (step, name)
+        assert (compiled.row.shape[1] > 0) and (compiled.row[1] == 48).all() == (p is not None)
+    calls = []
+    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 2**15)
+    monkeypatch.setattr(task_module, "_compiled_active_entries", lambda: calls.append(1))
+    task.draw(96, 0, compiled=True)
+    assert calls == []
+
+
+@pytest.mark.slow  # torch.compile builds the draw's C++ kernel: about 7 s on 2 CPU cores
+def test_data_compile_trains_the_same_weights(tmp_path, monkeypatch):
+    """`--data.compile true` trains exactly the weights of the eager draw (the same batches)."""
+    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)  # a draw this small would stay in numpy
+    weights = []
+    for compile in ("false", "true"):
+        args = [
+            "fit",
+            *tiny_args(tmp_path / compile, steps=5, log_every_n_steps=None),
+            "--data.compile",
+            compile,
+            "--trainer.limit_val_batches",
+            "0",
+        ]
+        cli = run(args)
+        assert cli.datamodule.compile == (compile == "true")
+        weights.append(_weights(Path(cli.trainer.log_dir) / "weights.pt"))
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
 def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
     from cis_lightning.allocator import keep_freed_memory
 
