@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from collections import defaultdict
@@ -70,7 +71,24 @@ def read_results(path: Path) -> list[dict]:
 
 
 def find_runs(directories: list[Path]) -> list[Run]:
-    """Every results.csv under the given directories, with its experiment name and fit weights."""
+    """Every results.csv under the given directories, with its experiment name and fit weights; of the
+    versions of one run directory (Lightning's <save_dir>/<name>/version_N, a rerun adds one) only the
+    newest of each model, so that a rerun replaces the runs it repeats instead of joining them."""
+    newest: dict[tuple[Path, str], Run] = {}
+    for run in _all_runs(directories):
+        slot = (run.directory.parent.resolve(), run.model)
+        if slot not in newest or _version(run.directory) > _version(newest[slot].directory):
+            newest[slot] = run
+    return sorted(newest.values(), key=lambda run: (str(run.directory.parent), _version(run.directory)))
+
+
+def _version(directory: Path) -> tuple[int, float]:
+    """Lightning's version number N of a version_N directory (-1 otherwise), then its results' time."""
+    match = re.fullmatch(r"version_(\d+)", directory.name)
+    return (int(match.group(1)) if match else -1, (directory / "results.csv").stat().st_mtime)
+
+
+def _all_runs(directories: list[Path]) -> list[Run]:
     runs = []
     for results in sorted(p for d in directories for p in Path(d).rglob("results.csv")):
         directory = results.parent

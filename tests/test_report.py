@@ -59,6 +59,21 @@ def test_report_supports_a_claim_whose_numbers_show_it(tmp_path):
     assert "(report_sigma_sweep.png)" in report
 
 
+def test_a_rerun_replaces_the_versions_it_repeats_and_other_directories_stay(tmp_path):
+    """Of one run directory's versions (a rerun adds version_N + 1) the report uses the newest of
+    each model; the same experiment under another save_dir is another run and stays."""
+    old = {(True, 0.0): 0.085, (True, 0.03): 0.060, (True, 0.08): 0.110}
+    new = {(True, 0.0): 0.085, (True, 0.03): 0.070, (True, 0.08): 0.110}
+    write_run(tmp_path / "runs" / "sigma_sweep" / "version_2", "sigma_sweep", sweep_rows(old))
+    write_run(tmp_path / "runs" / "sigma_sweep" / "version_10", "sigma_sweep", sweep_rows(new))  # newer than 2
+    main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report.md")])
+    line = claim_line((tmp_path / "report.md").read_text(), DIP)
+    assert "0.0700 ± 0.0001" in line and "0.0600" not in line
+    write_run(tmp_path / "other" / "sigma_sweep" / "version_0", "sigma_sweep", sweep_rows(old))
+    main(["report", str(tmp_path / "runs"), str(tmp_path / "other"), "--output", str(tmp_path / "both.md")])
+    assert "0.0600 ± 0.0001" in claim_line((tmp_path / "both.md").read_text(), DIP)  # the best of both runs
+
+
 def test_report_rejects_a_claim_within_the_standard_error(tmp_path):
     """A dip smaller than two standard errors is no optimum."""
     losses = {(True, 0.0): 0.085, (True, 0.03): 0.0849, (True, 0.08): 0.110}
