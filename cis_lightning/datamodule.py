@@ -89,11 +89,12 @@ class CCDataModule(pl.LightningDataModule):
     per-instance losses, and an instance's data and initialisation depend only on its seed). Instance
     numbers restart at 0 in each shard; the setting columns of results.csv identify the instances.
 
-    `compile`: draw the training batches (at p <= 0.2) through torch.compile: the same bits from a
-    few fused passes instead of some 35 operations on (K, 2 B n p) numbers, at a few seconds of
-    compiling at the start. For sweeps on a CPU (K = 16: 0.76 ms a draw instead of 1.59) and on a
-    GPU (fewer kernel launches); a CPU draw small enough for numpy (K below about 6 at p = 0.01)
-    stays in numpy, which is faster there.
+    `compile`: draw the training batches through torch.compile: the same bits from a few fused
+    passes instead of 20 to 35 operations over every number drawn, after a few seconds of compiling
+    (where compiling fails, one warning, and the draw runs uncompiled). For sweeps on a CPU (K = 16:
+    0.76 ms a draw instead of 1.59), dense batches (p > 0.2; K = 10, B = 2048: 1.5 ms instead of 34)
+    and GPUs (fewer kernel launches); a sparse CPU draw small enough for numpy (K below about 6 at
+    p = 0.01) stays in numpy, which is faster there. The experiments that gain set it.
     """
 
     def __init__(

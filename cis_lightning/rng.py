@@ -76,24 +76,34 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
 
     key broadcasts against index; the result never is exactly 0 or 1, so log() is safe.
     """
-    return _to_unit(mix64(key + (index + 1) * _GOLDEN))
+    return uniform_at(key, counters(index))
+
+
+def counters(index: Array) -> Array:
+    """(index + 1) * golden: the per-index part of `uniform`. A torch.compile graph gets it as an
+    input (`uniform_at`): inductor cannot fold these 64-bit products of an arange."""
+    return (index + 1) * _GOLDEN
+
+
+def uniform_at(key: Array, counters: Array) -> Array:
+    """uniform(key, index) from counters(index)."""
+    return _to_unit(mix64(key + counters))
 
 
 def uniform_first(key: Array, count: int, counters: Array | None = None) -> Array:
-    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters' part kept per size
-    (`first_counters`; a torch.compile graph gets them as an input: inductor cannot fold their
-    64-bit products)."""
+    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters kept per size
+    (`first_counters`), or given (a torch.compile graph's input)."""
     if counters is None:
         counters = first_counters(count, "numpy" if isinstance(key, np.ndarray) else key.device)
-    return _to_unit(mix64(key + counters))
+    return uniform_at(key, counters)
 
 
 @functools.lru_cache(maxsize=16)
 def first_counters(count: int, device: torch.device | str) -> Array:
-    """(arange(count) + 1) * golden, the per-index part of `uniform_first` ("numpy": an array)."""
+    """counters(arange(count)) on `device` ("numpy": an array)."""
     if device == "numpy":
-        return (np.arange(count, dtype=np.int64) + 1) * _GOLDEN
-    return (torch.arange(count, device=device) + 1) * _GOLDEN
+        return counters(np.arange(count, dtype=np.int64))
+    return counters(torch.arange(count, device=device))
 
 
 def _to_unit(z: Array) -> Array:

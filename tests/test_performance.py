@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from cis_lightning import evaluation
+from cis_lightning import evaluation, rng
 from cis_lightning import fused as fused_module
 from cis_lightning import task as task_module
 from cis_lightning.evaluation import per_sample_loss
@@ -440,9 +441,40 @@ def test_a_compiled_draw_draws_the_same_batches(monkeypatch):
         assert (compiled.row.shape[1] > 0) and (compiled.row[1] == 48).all() == (p is not None)
     calls = []
     monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 2**15)
-    monkeypatch.setattr(task_module, "_compiled_active_entries", lambda: calls.append(1))
+    monkeypatch.setattr(task_module, "_compiled_active_entries", lambda *args: calls.append(args))
     task.draw(96, 0, compiled=True)
     assert calls == []
+
+
+def test_a_compiled_dense_draw_draws_the_same_batches():
+    """Above p = 0.2 the draw is dense (one uniform per entry): compiled, the same bits."""
+    task = Task([Instance(0.5, seed=0), Instance(0.05, seed=1)], 30)
+    for step in (0, 1):
+        eager = task.draw(64, step, rank=1, world_size=2)
+        assert isinstance(eager, torch.Tensor) and eager.shape == (2, 32, 30)
+        assert torch.equal(task.draw(64, step, rank=1, world_size=2, compiled=True), eager)
+
+
+def test_a_draw_whose_compiling_fails_warns_once_and_draws_uncompiled(monkeypatch):
+    def no_compiler(function, **options):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found\n(more lines)")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    draw = task_module._Compiled(task_module._dense_input)
+    task = Task([Instance(0.5, seed=0)], 30)
+    key, counters = task._key(0, 3)[:, None, None], rng.counters(torch.arange(8 * 30).view(8, 30))
+    with pytest.warns(
+        UserWarning, match=r"data.compile: torch.compile failed \(RuntimeError: no C\+\+ compiler found\)"
+    ):
+        first = draw(key, task.feature_probability, counters)
+    assert torch.equal(first, task_module._dense_input(key, task.feature_probability, counters))
+    assert draw.run is task_module._dense_input  # no second attempt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no second warning
+        assert torch.equal(draw(key, task.feature_probability, counters), first)
 
 
 @pytest.mark.slow  # torch.compile builds the draw's C++ kernel: about 7 s on 2 CPU cores
