@@ -98,7 +98,8 @@ def drop_empty_rows(
     if merge_single:
         # The draw leaves room for 10 standard deviations more entries than it expects (about 20% of
         # them padding at B = 2048, p = 0.01): keep the columns the fullest instance needs, rounded up
-        # to a multiple of 64 (2.7% faster steps at K = 16, 7.8% at K = 82; 1.5% slower at K = 1, which does not merge).
+        # to a multiple of 64 (2.7% faster steps at K = 16, 7.8% at K = 82; 1.5% slower at K = 1,
+        # which does not merge).
         width = max(64, -(-int(real.sum(axis=1).max()) // 64) * 64)
         if width < row.shape[1]:
             row, real = row[:, :width], real[:, :width]
