@@ -291,6 +291,11 @@ def memory_run(steps: int) -> tuple[float, list[dict]]:
     return next(line["peak_mb"] for line in lines if "peak_mb" in line), probes
 
 
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the repeats' ratios (adjacent measurements: less of the machine's drift)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
 @contextlib.contextmanager
 def merging_single_feature_samples(on: bool):
     """Batch means merge their single-feature samples always (on) or never (off), whatever K B is."""
@@ -393,7 +398,7 @@ def main() -> None:
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
     k16_unmerged, core_merged, k16_compiled_draw = [], [], []
-    compile_draw = ["--data.compile", "true"]
+    compile_draw, k16_grid = ["--data.compile", "true"], seeds_grid(16)
     bar, bar_every_step = [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
@@ -406,12 +411,11 @@ def main() -> None:
         residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
         # torch.compile of the loss: compiled during the warm-up, so not timed.
         compiled.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, ["--model.compile", "true"]))
-        k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+        k16.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_grid))
         with merging_single_feature_samples(False):
-            k16_unmerged.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, seeds_grid(16)))
+            k16_unmerged.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_grid))
         # The draw compiled during the warm-up (a few seconds), so not timed.
-        k16_draw_compiled = seeds_grid(16) + compile_draw
-        k16_compiled_draw.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_draw_compiled))
+        k16_compiled_draw.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_grid + compile_draw))
         bare.append(bare_lightning_ms(w, 4 * s))
         # Lightning's bars draw on stdout: into /dev/null here, a real file (a StringIO cost nothing).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
@@ -421,9 +425,9 @@ def main() -> None:
             every_step += ["--trainer.callbacks.refresh_rate", "1"]
             bar_every_step.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, every_step))
     # Adjacent measurements: the ratio of each repeat, then its median (less of the machine's drift).
-    merged_gain_k1 = statistics.median(a / b for a, b in zip(core_merged, core, strict=True))
-    merged_gain_k16 = statistics.median(a / b for a, b in zip(k16, k16_unmerged, strict=True))
-    compiled_draw_gain_k16 = statistics.median(a / b for a, b in zip(k16_compiled_draw, k16, strict=True))
+    merged_gain_k1 = median_ratio(core_merged, core)
+    merged_gain_k16 = median_ratio(k16, k16_unmerged)
+    compiled_draw_gain_k16 = median_ratio(k16_compiled_draw, k16)
     ref, mlp, residual, compiled, core, core8, mlp8, core_merged = (
         statistics.median(v) for v in (ref, mlp, residual, compiled, core, core8, mlp8, core_merged)
     )

@@ -113,10 +113,11 @@ def drop_empty_rows(
         value, merged_away = _merge_single_entry_rows(x, first & last & real)
         first &= ~merged_away
     first &= real  # the first entry of every (kept) non-empty sample
-    # Merged-away entries before an instance's first kept row go to row 0 (with value 0, harmless).
-    compact_row = np.maximum(_cumsum(first, axis=1) - 1, 0)
+    kept = _cumsum(first, axis=1)  # kept rows up to each entry; the last column: each instance's count
     # R rounded up to a multiple of 64 (at most B): a few shapes recur, so freed blocks fit again.
-    n_rows = min(b, -(-int(first.sum(axis=1).max()) // 64) * 64) if row.size else 0
+    n_rows = min(b, -(-int(kept[:, -1].max()) // 64) * 64) if row.size else 0
+    # Merged-away entries before an instance's first kept row go to row 0 (with value 0, harmless).
+    compact_row = np.maximum(kept - 1, 0)
     compact_row = np.where(real, compact_row, n_rows)  # padding stays padding: row R
     compact = SparseInput(
         row=torch.from_numpy(compact_row), feature=x.feature, value=value, batch_size=n_rows, n_features=x.n_features
@@ -303,7 +304,7 @@ def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
 class _OneLayerLoss(torch.autograd.Function):
     # Passes over (K, B, m) tensors are what a big K pays for (memory traffic), so they are counted.
     # Batch mean: forward ReLU and h . q; backward the ReLU mask (G h - q is fused into its product).
-    # Per sample: forward ReLU, t = G h - 2 q, h * t and its sum; backward t + q, the ReLU mask, h * g.
+    # Per sample: forward ReLU, t = G h - 2 q, h * t and its sum; backward the ReLU mask and h * g.
     # The per-row factor 2 g_b / n of the backward goes into the per-entry weights instead (O(C)).
 
     @staticmethod
@@ -332,14 +333,14 @@ class _OneLayerLoss(torch.autograd.Function):
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         if mean:  # the sum over each instance's rows (padding and filler rows have loss 0), over n B
             # sum_b h_b . G h_b = <G, H^T H>: H^T H is the backward's dL/dG up to a factor, so G h is
-            # made once, in the backward (baddbmm: G h - q in one pass).
+            # made only in the backward.
             gram_h = torch.bmm(h.transpose(1, 2), h)
             ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
             total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
             total.sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
             return total.div_(n * batch_size)
+        ctx.save_for_backward(a, w, h, gram, q, r, u, None)
         t = torch.bmm(h, gram).sub_(q, alpha=2)  # G h - 2 q
-        ctx.save_for_backward(a, w, h, t, q, r, u, None)
         loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
         if rows is None:
             return loss[:, :batch_size]
@@ -348,7 +349,7 @@ class _OneLayerLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        a, w, h, t_or_gram, q, r, u, gram_h = ctx.saved_tensors  # mean: G (K, m, m), else t = G h - 2 q
+        a, w, h, gram, q, r, u, gram_h = ctx.saved_tensors  # gram_h = H^T H for a mean, else None
         entries = ctx.entries
         k, m, n = a.shape
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
@@ -363,7 +364,7 @@ class _OneLayerLoss(torch.autograd.Function):
         weight, relu_weight = entries.value_by_feature * s, entries.relu_value_by_feature * s
         grad_a = grad_w = grad_r = None
         if ctx.needs_input_grad[0]:
-            g_h = torch.baddbmm(q, h, t_or_gram, beta=-1) if ctx.mean else t_or_gram + q  # G h - q
+            g_h = torch.baddbmm(q, h, gram, beta=-1)  # G h - q in one pass
             d_pre = _relu_backward(g_h, h).view(-1, m)  # through the ReLU, per unit s_b
             grad_a = entries.sum_by_feature(d_pre, weight).view(k, n, m).transpose(1, 2)
         h_rows = h.view(-1, m)

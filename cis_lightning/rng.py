@@ -80,30 +80,23 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
 
 
 def counters(index: Array) -> Array:
-    """(index + 1) * golden: the per-index part of `uniform`. A torch.compile graph gets it as an
-    input (`uniform_at`): inductor cannot fold these 64-bit products of an arange."""
+    """(index + 1) * golden: the per-index part of `uniform`."""
     return (index + 1) * _GOLDEN
 
 
-def uniform_at(key: Array, counters: Array) -> Array:
-    """uniform(key, index) from counters(index)."""
-    return _to_unit(mix64(key + counters))
-
-
-def uniform_first(key: Array, count: int, counters: Array | None = None) -> Array:
-    """uniform(key, arange(count)) (key (K, 1) -> (K, count)), with the counters kept per size
-    (`first_counters`), or given (a torch.compile graph's input)."""
-    if counters is None:
-        counters = first_counters(count, "numpy" if isinstance(key, np.ndarray) else key.device)
-    return uniform_at(key, counters)
+def uniform_at(key: Array, index_counters: Array) -> Array:
+    """uniform(key, index) from counters(index) (key broadcasts against them)."""
+    return _to_unit(mix64(key + index_counters))
 
 
 @functools.lru_cache(maxsize=16)
-def first_counters(count: int, device: torch.device | str) -> Array:
-    """counters(arange(count)) on `device` ("numpy": an array)."""
+def range_counters(count: int, device: torch.device | str, start: int = 0) -> Array:
+    """counters(arange(start, start + count)) on `device` ("numpy": an array), kept: the draws ask for
+    the same range every step. A torch.compile graph gets them as an input: inductor would fold these
+    64-bit products of an arange into an index expression, which overflows."""
     if device == "numpy":
-        return counters(np.arange(count, dtype=np.int64))
-    return counters(torch.arange(count, device=device))
+        return counters(np.arange(start, start + count, dtype=np.int64))
+    return counters(torch.arange(start, start + count, device=device))
 
 
 def _to_unit(z: Array) -> Array:

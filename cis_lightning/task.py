@@ -247,7 +247,7 @@ class Task(nn.Module):
         p = self.feature_probability if feature_probability is None else self._probability(tuple(ps), device)
         if max(ps) <= _DENSE_ABOVE:
             return self._sparse(key, p, batch_size, local, rank, max(ps), compiled)
-        return self._dense(key, p, torch.arange(rank * local, (rank + 1) * local, device=device), compiled)
+        return self._dense(key, p, local, rank, compiled)
 
     def _probability(self, ps: tuple[float, ...], device: torch.device) -> Tensor:
         """p (K,) on the device for override values; kept, so that a run's few overrides copy once."""
@@ -313,13 +313,14 @@ class Task(nn.Module):
         x = torch.zeros(key.shape[0], batch_size, n, device=self.mixing.device)
         return x.scatter_(2, feature, value.float())
 
-    def _dense(self, key: Tensor, p: Tensor, rows: Tensor, compiled: bool = False) -> Tensor:
-        """x (K, B, n) of `rows` (`_dense_input`); `compiled`: the same bits from one fused pass instead
-        of some 20 passes over K B n numbers (at K = 10, B = 2048 on the 2-core machine 1.5 ms a draw
+    def _dense(self, key: Tensor, p: Tensor, local: int, rank: int, compiled: bool = False) -> Tensor:
+        """This rank's rows (`_dense_input`); `compiled`: the same bits from one fused pass instead of
+        some 20 passes over K B n numbers (at K = 10, B = 2048 on the 2-core machine 1.5 ms a draw
         instead of 34)."""
         n = self.n_features
-        index = rows[:, None] * n + torch.arange(n, device=rows.device)  # (B, n) global entry ids
-        return (_compiled_dense_input if compiled else _dense_input)(key[:, :, None], p, rng.counters(index))
+        # Row r's entries are global entries r n .. r n + n - 1: this rank's are one range.
+        entries = rng.range_counters(local * n, key.device, start=rank * local * n).view(local, n)
+        return (_compiled_dense_input if compiled else _dense_input)(key[:, :, None], p, entries)
 
     def _sparse(
         self, key: Tensor, p: Tensor, batch_size: int, local: int, rank: int, p_max: float, compiled: bool = False
@@ -337,13 +338,12 @@ class Task(nn.Module):
         sizes = (batch_size * n, count, n, local, rank)
         if key.device.type == "cpu" and key.shape[0] * 2 * count <= _HOST_DRAW_MAX:
             with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
-                entries = _active_entries(key.numpy(), log1m_p.numpy(), *sizes)
+                uniforms = rng.range_counters(2 * count, "numpy")
+                entries = _active_entries(key.numpy(), log1m_p.numpy(), uniforms, *sizes)
             row, feature, value = (torch.from_numpy(a) for a in entries)
-        elif compiled:
-            counters = rng.first_counters(2 * count, key.device)
-            row, feature, value = _compiled_active_entries(key, log1m_p, *sizes, counters)
         else:
-            row, feature, value = _active_entries(key, log1m_p, *sizes)
+            draw = _compiled_active_entries if compiled else _active_entries
+            row, feature, value = draw(key, log1m_p, rng.range_counters(2 * count, key.device), *sizes)
         return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
 
     def _one_active(self, key: Tensor, first_row: int, local: int) -> SparseInput:
@@ -355,10 +355,10 @@ class Task(nn.Module):
         return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
 
 
-def _dense_input(key: Tensor, p: Tensor, counters: Tensor) -> Tensor:
+def _dense_input(key: Tensor, p: Tensor, entries: Tensor) -> Tensor:
     """x (K, B, n) from key (K, 1, 1), p (K,) and the entries' `rng.counters` (B, n): one uniform u
     per entry, active iff u < p, and then u / p is uniform on (0, 1)."""
-    u = rng.uniform_at(key, counters).float()  # (K, B, n)
+    u = rng.uniform_at(key, entries).float()  # (K, B, n)
     p = p.float()[:, None, None]
     return torch.where(u < p, 2 * u / p - 1, torch.zeros((), device=u.device))
 
@@ -389,18 +389,18 @@ class _Compiled:
         return result
 
 
-def _active_entries(key, log1m_p, total: int, count: int, n: int, local: int, rank: int, counters=None) -> tuple:
+def _active_entries(key, log1m_p, uniforms, total: int, count: int, n: int, local: int, rank: int) -> tuple:
     """(row, feature, value), each (K, count), of this rank's active entries of a global batch of
     `total` = B n entries: the gaps between active entries in the flattened batch are geometric.
 
     key (K, 1) int64 and log1m_p = log(1 - p) (K,) float64, both torch tensors or both numpy arrays
     (then so are the results: the same operations give the same bits). Entries of other ranks, or
     past the batch, go to a spare row `local` with value 0. p = 0 (a frozen instance,
-    `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries. counters: those of
-    `rng.uniform_first` (given when compiled).
+    `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries. uniforms:
+    `rng.range_counters(2 count)`, the counters of the gaps' and values' uniforms.
     """
     xp = np if isinstance(key, np.ndarray) else torch
-    u = rng.uniform_first(key, 2 * count, counters)  # (K, 2 count): the gaps, then the values
+    u = rng.uniform_at(key, uniforms)  # (K, 2 count): the gaps, then the values
     gaps = xp.clip(xp.floor(xp.log(u[:, :count]) / log1m_p[:, None]), None, total)
     gaps = gaps.astype(np.int64) if xp is np else gaps.long()
     position = xp.cumsum(gaps + 1, 1) - 1  # global entry ids of the active entries

@@ -82,8 +82,8 @@ def test_the_draw_computes_the_same_bits_in_numpy_and_in_torch(rank, world_size)
     key = torch.tensor([[123456789], [-987654321]], dtype=torch.int64)
     log1m_p = torch.log1p(-torch.tensor([0.01, 0.05]).double())
     args = (30 * 96, 200, 30, 96 // world_size, rank)  # total entries, entries drawn, n, local, rank
-    in_torch = task_module._active_entries(key, log1m_p, *args)
-    in_numpy = task_module._active_entries(key.numpy(), log1m_p.numpy(), *args)
+    in_torch = task_module._active_entries(key, log1m_p, rng.range_counters(400, torch.device("cpu")), *args)
+    in_numpy = task_module._active_entries(key.numpy(), log1m_p.numpy(), rng.range_counters(400, "numpy"), *args)
     for a, b in zip(in_torch, in_numpy, strict=True):
         assert a.dtype == torch.from_numpy(b).dtype and torch.equal(a, torch.from_numpy(b))
     assert (in_torch[0] < 96 // world_size).sum() > 0  # some entries fall in this rank's rows
@@ -465,7 +465,7 @@ def test_a_draw_whose_compiling_fails_warns_once_and_draws_uncompiled(monkeypatc
     monkeypatch.setattr(torch, "compile", no_compiler)
     draw = task_module._Compiled(task_module._dense_input)
     task = Task([Instance(0.5, seed=0)], 30)
-    key, counters = task._key(0, 3)[:, None, None], rng.counters(torch.arange(8 * 30).view(8, 30))
+    key, counters = task._key(0, 3)[:, None, None], rng.range_counters(8 * 30, torch.device("cpu")).view(8, 30)
     with pytest.warns(
         UserWarning, match=r"data.compile: torch.compile failed \(RuntimeError: no C\+\+ compiler found\)"
     ):
