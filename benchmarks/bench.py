@@ -7,6 +7,7 @@ Everything runs in one invocation on the same machine, with the same torch threa
   `rand < p` mask, dense uniform values, dense matmuls, AdamW, cosine schedule, `loss.item()` each
   step as the paper's loop does), both on the simplified MLP at p = 0.01, batch 2048, n = 100, d_mlp = 50;
 - the residual model (d_embed = 1000) against the MLP, K = 16 instances against K = 1, K = 82 in one process;
+- the CPU path's C kernels (`cis_lightning.native`) against the numpy and torch forms (`CIS_NATIVE=0`);
 - merging single-feature samples in the training loss (`fused.MERGE_SINGLE_FROM`) at K = 16 and at K = 1;
 - the training draw through torch.compile (`--data.compile true`) at K = 16, K = 82 and on dense batches;
 - evaluation: L / p at p = 0.001 with stderr < 0.5%, stratified and exact (`evaluate`) against the
@@ -43,7 +44,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from cis_lightning import fused
+from cis_lightning import fused, native
 from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
 from cis_lightning.main import PROGRESS_BAR_REFRESH, run
@@ -398,12 +399,16 @@ def main() -> None:
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
     k16_unmerged, core_merged, k16_compiled_draw = [], [], []
+    mlp_numpy, core_numpy = [], []
     compile_draw, k16_grid = ["--data.compile", "true"], seeds_grid(16)
     bar, bar_every_step = [], []
     for _ in range(r):
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
         core.append(core_steps_per_second(w, s))
+        with native.turned_off():  # right after the same runs with the C kernels
+            mlp_numpy.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
+            core_numpy.append(core_steps_per_second(w, s))
         with merging_single_feature_samples(True):  # right after the same step unmerged
             core_merged.append(core_steps_per_second(w, s))
         core8.append(core_steps_per_second(w, 4 * s, batch_size=8))
@@ -425,11 +430,13 @@ def main() -> None:
             every_step += ["--trainer.callbacks.refresh_rate", "1"]
             bar_every_step.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s, every_step))
     # Adjacent measurements: the ratio of each repeat, then its median (less of the machine's drift).
+    native_gain_fit, native_gain_core = median_ratio(mlp, mlp_numpy), median_ratio(core, core_numpy)
     merged_gain_k1 = median_ratio(core_merged, core)
     merged_gain_k16 = median_ratio(k16, k16_unmerged)
     compiled_draw_gain_k16 = median_ratio(k16_compiled_draw, k16)
-    ref, mlp, residual, compiled, core, core8, mlp8, core_merged = (
-        statistics.median(v) for v in (ref, mlp, residual, compiled, core, core8, mlp8, core_merged)
+    ref, mlp, residual, compiled, core, core8, mlp8, core_merged, mlp_numpy, core_numpy = (
+        statistics.median(v)
+        for v in (ref, mlp, residual, compiled, core, core8, mlp8, core_merged, mlp_numpy, core_numpy)
     )
     k16, k16_unmerged, k16_compiled_draw = (statistics.median(v) for v in (k16, k16_unmerged, k16_compiled_draw))
     bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
@@ -469,7 +476,15 @@ def main() -> None:
         ("  ratio cis / reference", f"{mlp / ref:.2f}x", ">= 3x"),
         ("  the same step in the pure-torch core (no Lightning), steps/s", f"{core:.1f}", ""),
         ("  ratio core step / reference", f"{core / ref:.2f}x", ""),
-        ("  the core step with single-feature samples merged (not done at K=1), steps/s", f"{core_merged:.1f}", ""),
+        ("  cis fit with the C kernels off (CIS_NATIVE=0: numpy and torch), steps/s", f"{mlp_numpy:.1f}", ""),
+        ("    with / without, median of the repeats' ratios", f"{native_gain_fit:.2f}x", ""),
+        ("  the core step with the C kernels off, steps/s", f"{core_numpy:.1f}", ""),
+        ("    with / without, median of the repeats' ratios", f"{native_gain_core:.2f}x", ""),
+        (
+            "  the core step with single-feature samples merged (numpy; K=1 runs C unmerged), steps/s",
+            f"{core_merged:.1f}",
+            "",
+        ),
         ("    merged / unmerged, median of the repeats' ratios", f"{merged_gain_k1:.2f}x", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
         ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),

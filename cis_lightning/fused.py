@@ -25,10 +25,16 @@ samples merges the single-feature samples of each feature and sign into one (los
 of degree 2 in x_b): at B = 2048, p = 0.01, n = 100 about 737 rows remain of the 1,298 non-empty
 samples (541 with two or more features, and some 196 of the 200 (feature, sign) cells).
 Tested against the dense autograd form in tests/test_performance.py.
+
+On a CPU an unmerged float32 batch mean (the training step of a single instance) does its host work
+in C (`native`): the bookkeeping of the entries in one call, both forward bags with the ReLU in one,
+both backward bags with G h - q and the ReLU's mask in one; the products stay torch's. Tested against
+the numpy and torch forms in tests/test_native.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 
@@ -36,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cis_lightning import native
 from cis_lightning.task import SparseInput
 
 # Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
@@ -68,8 +75,13 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
         # A mean puts nothing back in place, and may merge single-feature samples (`drop_empty_rows`).
         merge = mean and k * batch_size >= MERGE_SINGLE_FROM
-        x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
-        entries = _Entries.on_host(x, k, a.dtype)
+        # The C kernels (`native`) do the unmerged batch mean in float32, the training step at K = 1.
+        lib = native.library() if mean and not merge and a.dtype == torch.float32 else None
+        if lib is not None:
+            entries = _Entries.from_native(lib, x, k)
+        else:
+            x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
+            entries = _Entries.on_host(x, k, a.dtype)
     else:
         entries = _Entries.on_device(x, k, a.dtype)
     return _OneLayerLoss.apply(a, w, r, entries, rows, batch_size, mean)
@@ -178,6 +190,7 @@ class _Entries:
     n_rows: int
     n_features: int
     n_instances: int
+    lib: ctypes.CDLL | None = None  # built by `from_native`: the loss then runs its bags in C too
 
     @classmethod
     def on_device(cls, x: SparseInput, k: int, dtype: torch.dtype) -> _Entries:
@@ -242,6 +255,21 @@ class _Entries:
         entries.__dict__["u_sq"] = torch.from_numpy(u_sq.astype(value.dtype))  # a bincount: microseconds
         return entries
 
+    @classmethod
+    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int) -> _Entries:
+        """`on_host` of `drop_empty_rows(x, sources=False)`, the same arrays, from one C call (float32)."""
+        n, c = x.n_features, x.row.shape[1]
+        rows, feature, row, value, relu_value, row_start, u_sq, *by_feature, feature_start = native.prepare(
+            lib, x.row, x.feature, x.value, x.batch_size, n
+        )
+        entries = cls(
+            feature, row, value, relu_value, row_start, *by_feature, feature_start,
+            n_rows=k * (rows + 1), n_features=k * n, n_instances=k, lib=lib,
+        )  # fmt: skip
+        entries.__dict__["instance_by_feature"] = _instances_by_feature(k, c)
+        entries.__dict__["u_sq"] = u_sq
+        return entries
+
     @functools.cached_property
     def u_sq(self) -> Tensor:
         """||ReLU(x_b)||^2 per row (n_rows,): only labels without a linear part ask for it."""
@@ -266,6 +294,12 @@ class _Entries:
     def sum_by_feature(self, table: Tensor, weight: Tensor) -> Tensor:
         """out[feature_c] += weight_c table[row_c]: (n_features, width); weight in feature order."""
         return _bag(self.row_by_feature, table, self.feature_start, weight)
+
+
+@functools.lru_cache(maxsize=8)
+def _instances_by_feature(k: int, c: int) -> Tensor:
+    """The instance of every entry in feature order (K C,): instance k's C entries come k-th."""
+    return torch.arange(k).repeat_interleave(c)
 
 
 def _starts(group: Tensor, n_groups: int) -> Tensor:
@@ -316,14 +350,18 @@ class _OneLayerLoss(torch.autograd.Function):
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
         value, relu_value = entries.value, entries.relu_value
-        h = (
-            entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
-        )  # (K, B + 1, m)
-        q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x)
+        a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m)
+        if entries.lib is not None:  # both bags, the ReLU and sum_b h_b . q_b in one C call
+            h, q, h_q = native.hidden_cross(entries.lib, entries, a_table, w_table, k, m)
+            h = h.view(k, -1, m)
+        else:
+            h = entries.sum_by_row(a_table, value).relu_().view(k, -1, m)  # (K, B + 1, m)
+            q, h_q = entries.sum_by_row(w_table, relu_value), None  # W^T ReLU(x)
         u = None
         if r is None:
             u_sq = entries.u_sq
         else:
+            h_q = None  # q gets W^T R x too
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
@@ -337,7 +375,8 @@ class _OneLayerLoss(torch.autograd.Function):
             gram_h = torch.bmm(h.transpose(1, 2), h)
             ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
             total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
-            total.sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
+            h_q = torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)) if h_q is None else h_q.to(total.dtype)
+            total.sub_(h_q, alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
             return total.div_(n * batch_size)
         ctx.save_for_backward(a, w, h, gram, q, r, u, None)
         t = torch.bmm(h, gram).sub_(q, alpha=2)  # G h - 2 q
@@ -355,6 +394,8 @@ class _OneLayerLoss(torch.autograd.Function):
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
         if ctx.mean:  # g_b = grad_k / B for every row of instance k (padding and filler rows have h = 0)
             scale = grad * (2 / (n * ctx.batch_size))  # s_b of instance k's rows (K,)
+            if entries.lib is not None:
+                return _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale)
             s = scale.index_select(0, entries.instance_by_feature)
         else:
             g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
@@ -375,12 +416,37 @@ class _OneLayerLoss(torch.autograd.Function):
                 d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)
             grad_w = 2 * torch.bmm(w, d_gram)
             grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
-        if r is not None:
-            d_t = -entries.sum_by_feature(h_rows, weight).view(k, n, m)  # gradient at T = R^T W
-            if ctx.needs_input_grad[1]:
-                grad_w += torch.bmm(r, d_t)
-            if ctx.needs_input_grad[2]:
-                # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
-                d_rt = entries.sum_by_feature(u, weight).view(k, n, n)
-                grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
+        grad_w, grad_r = _label_map_grads(ctx, w, h, r, u, weight, grad_w)
         return grad_a, grad_w, grad_r, None, None, None, None
+
+
+def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
+    """The batch mean's backward with its bags (and the ReLU's mask) in one C call: the same sums."""
+    entries = ctx.entries
+    k, m, n = a.shape
+    gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
+    grad_at, relu_bag = native.feature_grads(entries.lib, entries, scale.float().contiguous(), gh, q, h, k, n, m)
+    grad_a = grad_at.view(k, n, m).transpose(1, 2) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if ctx.needs_input_grad[1]:  # 2 W dL/dG - sum_c s ReLU(v_c) h_r, dL/dG = sum_b (g_b / n) h_b h_b^T
+        d_gram = gram_h * (scale / 2)[:, None, None]
+        grad_w = torch.baddbmm(relu_bag.view(k, n, m), w, d_gram, beta=-1, alpha=2)
+    weight = None if r is None else entries.value_by_feature * scale.index_select(0, entries.instance_by_feature)
+    grad_w, grad_r = _label_map_grads(ctx, w, h, r, u, weight, grad_w)
+    return grad_a, grad_w, grad_r, None, None, None, None
+
+
+def _label_map_grads(ctx, w, h, r, u, weight, grad_w):
+    """(grad_w, grad_r) with the labels' linear part R x: dL/dW gains R dT, and dL/dR (None without R)."""
+    if r is None:
+        return grad_w, None
+    entries, (k, n, m) = ctx.entries, w.shape
+    grad_r = None
+    d_t = -entries.sum_by_feature(h.view(-1, m), weight).view(k, n, m)  # gradient at T = R^T W
+    if ctx.needs_input_grad[1]:
+        grad_w += torch.bmm(r, d_t)
+    if ctx.needs_input_grad[2]:
+        # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
+        d_rt = entries.sum_by_feature(u, weight).view(k, n, n)
+        grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
+    return grad_w, grad_r

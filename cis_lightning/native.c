@@ -1,0 +1,203 @@
+/* The CPU training step's host work in C: the sparse draw, the entry bookkeeping and the embedding
+ * bags of the one-layer loss (cis_lightning/native.py builds this file and calls it by ctypes).
+ *
+ * Each function is the same computation as a numpy or torch form in the package, and tested against
+ * it (tests/test_native.py): cis_active_entries is task._active_entries (the same bits),
+ * cis_prepare is fused.drop_empty_rows + _Entries.on_host (the same arrays), cis_hidden_cross and
+ * cis_feature_grads are the embedding bags of fused._OneLayerLoss (the same sums, in another order).
+ * Shapes: K instances, C entries per instance, B samples, n features, m neurons; "stacked" arrays
+ * hold the K instances one after another. Single-threaded: at the sizes that take this path
+ * (K B < fused.MERGE_SINGLE_FROM) a call costs microseconds. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* rng.uniform_at: 53 bits of mix64(key + counter), as (bits + 0.5) 2^-53 (exact in a double). */
+static inline double uniform_at(uint64_t key, int64_t counter) {
+    return ((double)(mix64(key + (uint64_t)counter) >> 11) + 0.5) * 0x1p-53;
+}
+
+/* task._active_entries on host arrays: row, feature (int64) and value (float) of (K, count). The
+ * gaps between active entries of the flattened (B n) batch are geometric, floor(log u / log(1 - p));
+ * entries of other ranks and past the batch become padding (row `local`, feature 0, value 0) at the
+ * end, where the stable sort by row of the numpy form puts them. */
+void cis_active_entries(int64_t K, const int64_t *key, const double *log1m_p, const int64_t *counters, int64_t count,
+                        int64_t total, int64_t n, int64_t local, int64_t rank, int64_t *row, int64_t *feature,
+                        float *value) {
+    for (int64_t k = 0; k < K; k++) {
+        int64_t position = -1, kept = 0;
+        int64_t *row_k = row + k * count, *feature_k = feature + k * count;
+        float *value_k = value + k * count;
+        for (int64_t c = 0; c < count; c++) {
+            double gap = floor(log(uniform_at((uint64_t)key[k], counters[c])) / log1m_p[k]);
+            position += (int64_t)(gap < (double)total ? gap : (double)total) + 1;
+            int64_t r = position / n - rank * local;
+            if (r >= 0 && r < local) {
+                row_k[kept] = r;
+                feature_k[kept] = position % n;
+                value_k[kept] = (float)(2.0 * uniform_at((uint64_t)key[k], counters[count + c]) - 1.0);
+                kept++;
+            }
+        }
+        for (int64_t c = kept; c < count; c++) {
+            row_k[c] = local;
+            feature_k[c] = 0;
+            value_k[c] = 0.0f;
+        }
+    }
+}
+
+/* fused.drop_empty_rows(x, sources=False) then _Entries.on_host: the entries of the non-empty samples
+ * of K instances, grouped by row and by feature. In: row, feature (K, C) sorted by row per instance
+ * (padding row B last), value (K, C). Returns R, the rows kept per instance (the most non-empty
+ * samples of any instance rounded up to 64, at most B); the stacked outputs then use K (R + 1) rows
+ * (row R of each instance: padding) and K n features:
+ *   feature_out, row_out, value_out, relu_out (K C): the entries in their order, stacked ids;
+ *   row_start (K (R + 1)), u_sq (K (R + 1)): each row's first entry, and ||ReLU(x_b)||^2;
+ *   row_by_feature, value_by_feature, relu_by_feature (K C): the entries stably sorted by feature;
+ *   feature_start (K n); counts (K n, scratch). */
+int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *row, const int64_t *feature,
+                    const float *value, int64_t *feature_out, int64_t *row_out, float *value_out, float *relu_out,
+                    int64_t *row_start, float *u_sq, int64_t *row_by_feature, float *value_by_feature,
+                    float *relu_by_feature, int64_t *feature_start, int64_t *counts) {
+    int64_t most = 0;
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t *r = row + k * C;
+        int64_t rows = 0;
+        for (int64_t c = 0; c < C && r[c] < B; c++) rows += (c == 0 || r[c] != r[c - 1]);
+        if (rows > most) most = rows;
+    }
+    int64_t R = (most + 63) / 64 * 64;
+    if (R > B) R = B;
+    if (K * C == 0) R = 0;
+    int64_t stride = R + 1;
+    memset(counts, 0, (size_t)(K * n) * sizeof(int64_t));
+    for (int64_t j = 0; j < K * stride; j++) row_start[j] = 0;  /* counts first, then starts */
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t *r = row + k * C, *f = feature + k * C;
+        const float *v = value + k * C;
+        int64_t compact = -1;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = k * C + c, out_row;
+            if (r[c] < B) {
+                compact += (c == 0 || r[c] != r[c - 1]);
+                out_row = compact;
+            } else {
+                out_row = R;
+            }
+            out_row += k * stride;
+            row_out[i] = out_row;
+            feature_out[i] = k * n + f[c];
+            value_out[i] = v[c];
+            relu_out[i] = v[c] > 0.0f ? v[c] : 0.0f;
+            row_start[out_row]++;
+            counts[k * n + f[c]]++;
+        }
+    }
+    /* ||ReLU(x_b)||^2 per row, summed in float64 in entry order (numpy's bincount), then float. */
+    int64_t entry = 0;
+    for (int64_t j = 0; j < K * stride; j++) {
+        double sum = 0.0;
+        int64_t end = entry + row_start[j];
+        for (; entry < end; entry++) sum += (double)relu_out[entry] * (double)relu_out[entry];
+        int64_t count = row_start[j];
+        row_start[j] = end - count;
+        u_sq[j] = (float)sum;
+    }
+    int64_t start = 0;
+    for (int64_t g = 0; g < K * n; g++) {
+        feature_start[g] = start;
+        start += counts[g];
+        counts[g] = feature_start[g];  /* the next free slot of group g */
+    }
+    for (int64_t i = 0; i < K * C; i++) {
+        int64_t slot = counts[feature_out[i]]++;
+        row_by_feature[slot] = row_out[i];
+        value_by_feature[slot] = value_out[i];
+        relu_by_feature[slot] = relu_out[i];
+    }
+    return R;
+}
+
+/* The forward's two bags by row, with the ReLU: for every stacked row j (of K rows_per_instance),
+ *   h_j = ReLU(sum_c value_c at[feature_c]),  q_j = sum_c relu_c w[feature_c]   (c: the entries of j)
+ * and h_q[k] = sum over instance k's rows of h_j . q_j. at = A^T and w stacked (K n, m). */
+void cis_hidden_cross(int64_t K, int64_t rows_per_instance, int64_t m, int64_t n_entries, const int64_t *row_start,
+                      const int64_t *feature, const float *value, const float *relu, const float *at,
+                      const float *w, float *h, float *q, double *h_q) {
+    int64_t n_rows = K * rows_per_instance;
+    for (int64_t k = 0; k < K; k++) {
+        double sum = 0.0;
+        for (int64_t j = k * rows_per_instance; j < (k + 1) * rows_per_instance; j++) {
+            int64_t c = row_start[j], end = j + 1 < n_rows ? row_start[j + 1] : n_entries;
+            float *restrict h_j = h + j * m, *restrict q_j = q + j * m;
+            if (c == end) { /* an empty (filler or padding) row */
+                memset(h_j, 0, (size_t)m * sizeof(float));
+                memset(q_j, 0, (size_t)m * sizeof(float));
+                continue;
+            }
+            { /* the first entry sets the row (most rows have one) */
+                const float *restrict a_f = at + feature[c] * m, *restrict w_f = w + feature[c] * m;
+                float v = value[c], u = relu[c];
+                for (int64_t i = 0; i < m; i++) {
+                    h_j[i] = v * a_f[i];
+                    q_j[i] = u * w_f[i];
+                }
+            }
+            for (c++; c < end; c++) {
+                const float *restrict a_f = at + feature[c] * m, *restrict w_f = w + feature[c] * m;
+                float v = value[c], u = relu[c];
+                for (int64_t i = 0; i < m; i++) {
+                    h_j[i] += v * a_f[i];
+                    q_j[i] += u * w_f[i];
+                }
+            }
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot) /* partial sums in SIMD lanes (-fopenmp-simd), not one chain */
+            for (int64_t i = 0; i < m; i++) {
+                h_j[i] = h_j[i] > 0.0f ? h_j[i] : 0.0f;
+                dot += h_j[i] * q_j[i];
+            }
+            sum += dot;
+        }
+        h_q[k] = sum;
+    }
+}
+
+/* The backward's two bags by feature, with G h - q and the ReLU's mask: for every stacked feature f
+ * of instance k, over the entries c of f (r their rows),
+ *   grad_at[f] = scale_k sum_c value_c [h_r > 0] (gh_r - q_r),  grad_w[f] = scale_k sum_c relu_c h_r
+ * with gh = h G (torch's bmm). (K n, m) each. */
+void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const int64_t *feature_start,
+                       const int64_t *row_by_feature, const float *value_by_feature, const float *relu_by_feature,
+                       const float *scale, const float *gh, const float *q, const float *h, float *grad_at,
+                       float *grad_w) {
+    int64_t n_groups = K * n;
+    for (int64_t k = 0; k < K; k++) {
+        float s = scale[k];
+        for (int64_t f = k * n; f < (k + 1) * n; f++) {
+            int64_t end = f + 1 < n_groups ? feature_start[f + 1] : n_entries;
+            float *restrict ga = grad_at + f * m, *restrict gw = grad_w + f * m;
+            for (int64_t i = 0; i < m; i++) ga[i] = gw[i] = 0.0f;
+            for (int64_t c = feature_start[f]; c < end; c++) {
+                int64_t r = row_by_feature[c] * m;
+                const float *restrict gh_r = gh + r, *restrict q_r = q + r, *restrict h_r = h + r;
+                float v = value_by_feature[c], u = relu_by_feature[c];
+                for (int64_t i = 0; i < m; i++) {
+                    ga[i] += h_r[i] > 0.0f ? v * (gh_r[i] - q_r[i]) : 0.0f;
+                    gw[i] += u * h_r[i];
+                }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                ga[i] *= s;
+                gw[i] *= s;
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+"""The CPU training step's host work as C kernels (`native.c`), built on first use and called by ctypes.
+
+A training step of the 100 x 50 model at batch 2048 is about a millisecond on a CPU, most of it the
+per-call cost of some 60 numpy and torch operations on a few thousand numbers: the sparse draw, the
+bookkeeping of the active entries (dropping empty samples, grouping by row and by feature) and the
+embedding bags of the fused loss. `native.c` does each of those in one call. The matrix products
+stay torch's (MKL).
+
+The library is compiled with the system's C compiler (`$CC`, else `cc`) for this CPU (`-march=native`)
+into `$CIS_NATIVE_CACHE` (default `~/.cache/cis_lightning`), once per source, compiler and CPU, and
+loaded from there afterwards; a compile takes about a second. Where there is no compiler or the build
+fails, `library()` warns once and returns None, and the numpy and torch forms run instead: the same
+draw bit for bit, the same loss up to float rounding (tests/test_native.py). `CIS_NATIVE=0` turns
+the kernels off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "cis_active_entries": ([_I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
+    "cis_prepare": ([_I64, _I64, _I64, _I64] + [_PTR] * 14, _I64),
+    "cis_hidden_cross": ([_I64, _I64, _I64, _I64] + [_PTR] * 9, None),
+    "cis_feature_grads": ([_I64, _I64, _I64, _I64] + [_PTR] * 10, None),
+}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CIS_NATIVE_CACHE"):
+        return Path(os.environ["CIS_NATIVE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cis_lightning"
+
+
+_turned_off = False
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (turned off, or no build: one warning, then the numpy/torch forms)."""
+    return None if _turned_off or os.environ.get("CIS_NATIVE", "1") == "0" else _library()
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """The numpy and torch forms instead of the C kernels, inside (for comparing the two)."""
+    global _turned_off
+    before, _turned_off = _turned_off, True
+    try:
+        yield
+    finally:
+        _turned_off = before
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"cis: the C kernels of the CPU path could not be built ({first_line}); using the numpy and torch "
+            "forms (the same results, slower steps)",
+            stacklevel=2,
+        )
+        return None
+    for name, (arguments, result) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
+    return lib
+
+
+def _build() -> Path:
+    """The shared library for this source, compiler and CPU: built once, atomically, into cache_dir()."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (set CC or install cc)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()):
+        digest.update(part)
+    target = cache_dir() / f"native-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A private name, then one rename: ranks that build at once never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (an -march=native build runs only where they match)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        return platform.processor() + platform.machine()
+
+
+def _ptr(a: Tensor | np.ndarray) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+
+def active_entries(
+    lib: ctypes.CDLL,
+    key: np.ndarray,
+    log1m_p: np.ndarray,
+    counters: np.ndarray,
+    total: int,
+    count: int,
+    n: int,
+    local: int,
+    rank: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`task._active_entries` on host arrays (key (K, 1) int64, log1m_p (K,) float64): the same bits."""
+    k = key.shape[0]
+    key, log1m_p = np.ascontiguousarray(key, dtype=np.int64), np.ascontiguousarray(log1m_p, dtype=np.float64)
+    row, feature = torch.empty(k, count, dtype=torch.int64), torch.empty(k, count, dtype=torch.int64)
+    value = torch.empty(k, count, dtype=torch.float32)
+    lib.cis_active_entries(
+        k, _ptr(key), _ptr(log1m_p), _ptr(counters), count, total, n, local, rank, _ptr(row), _ptr(feature), _ptr(value)
+    )
+    return row, feature, value
+
+
+def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch_size: int, n: int) -> tuple:
+    """`fused.drop_empty_rows(sources=False)` then `_Entries.on_host` (row, feature int64 and value
+    float32, each (K, C)): (R, feature, row, value, relu_value, row_start, u_sq, row_by_feature,
+    value_by_feature, relu_value_by_feature, feature_start), the arrays flat and stacked."""
+    k, c = row.shape
+    row, feature = row.contiguous().long(), feature.contiguous().long()
+    value = value.contiguous().float()
+    flat = [torch.empty(k * c, dtype=dtype) for dtype in (torch.int64, torch.int64, torch.float32, torch.float32)]
+    by_feature = [torch.empty(k * c, dtype=dtype) for dtype in (torch.int64, torch.float32, torch.float32)]
+    row_start = torch.empty(k * (batch_size + 1), dtype=torch.int64)
+    u_sq = torch.empty(k * (batch_size + 1), dtype=torch.float32)
+    feature_start, counts = torch.empty(k * n, dtype=torch.int64), torch.empty(k * n, dtype=torch.int64)
+    r = lib.cis_prepare(
+        k,
+        c,
+        batch_size,
+        n,
+        *(_ptr(a) for a in (row, feature, value, *flat, row_start, u_sq, *by_feature, feature_start, counts)),
+    )
+    return (r, *flat, row_start[: k * (r + 1)], u_sq[: k * (r + 1)], *by_feature, feature_start)
+
+
+def hidden_cross(
+    lib: ctypes.CDLL, entries, a_table: Tensor, w_table: Tensor, k: int, m: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h = ReLU(A x) and q = W^T ReLU(x), each (K rows, m), and sum_b h_b . q_b (K,) float64, from the
+    entries by row (`fused._Entries`) and the tables A^T and W, each (K n, m) contiguous float32."""
+    rows = entries.n_rows // k
+    h, q = (torch.empty(k * rows, m, dtype=torch.float32) for _ in range(2))
+    h_q = torch.empty(k, dtype=torch.float64)
+    lib.cis_hidden_cross(
+        k,
+        rows,
+        m,
+        entries.feature.shape[0],
+        *(_ptr(a) for a in (entries.row_start, entries.feature, entries.value, entries.relu_value)),
+        *(_ptr(a) for a in (a_table, w_table, h, q, h_q)),
+    )
+    return h, q, h_q
+
+
+def feature_grads(
+    lib: ctypes.CDLL, entries, scale: Tensor, gh: Tensor, q: Tensor, h: Tensor, k: int, n: int, m: int
+) -> tuple[Tensor, Tensor]:
+    """(K n, m) each: scale_k sum_c value_c [h_r > 0] (gh_r - q_r) and scale_k sum_c ReLU(value_c) h_r
+    over the entries c of every feature (r their rows); gh = h G, q and h (K, rows, m) contiguous
+    float32, scale (K,) float32."""
+    grad_a, grad_w = (torch.empty(k * n, m, dtype=torch.float32) for _ in range(2))
+    lib.cis_feature_grads(
+        k,
+        n,
+        m,
+        entries.row_by_feature.shape[0],
+        *(_ptr(a) for a in (entries.feature_start, entries.row_by_feature, entries.value_by_feature)),
+        *(_ptr(a) for a in (entries.relu_value_by_feature, scale, gh, q, h, grad_a, grad_w)),
+    )
+    return grad_a, grad_w
