@@ -82,6 +82,17 @@ class RunCheckpoint(ModelCheckpoint):
       DDP), last.ckpt is written before the process exits.
     """
 
+    @property
+    def state_key(self) -> str:
+        # Lightning names the profiler range of every callback hook call by it, about 6 times a training
+        # step, and ModelCheckpoint formats the repr of a dict of its settings each time: kept per settings.
+        settings = (self.monitor, self.mode, self._every_n_train_steps, self._every_n_epochs, self._train_time_interval)
+        kept = self.__dict__.get("_kept_state_key")
+        if kept is None or kept[0] != settings:
+            kept = (settings, super().state_key)
+            self.__dict__["_kept_state_key"] = kept
+        return kept[1]
+
     def _every_n_steps_due(self, trainer: pl.Trainer) -> bool:
         n = self._every_n_train_steps
         return n >= 1 and trainer.global_step > 0 and trainer.global_step % n == 0

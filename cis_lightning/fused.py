@@ -349,19 +349,15 @@ class _OneLayerLoss(torch.autograd.Function):
         # requires grad takes its slower training path: work on detached tensors.
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
+        if entries.lib is not None:
+            return _native_forward(ctx, a, w, r, entries, batch_size)
         value, relu_value = entries.value, entries.relu_value
-        a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m)
-        if entries.lib is not None:  # both bags, the ReLU and sum_b h_b . q_b in one C call
-            h, q, h_q = native.hidden_cross(entries.lib, entries, a_table, w_table, k, m)
-            h = h.view(k, -1, m)
-        else:
-            h = entries.sum_by_row(a_table, value).relu_().view(k, -1, m)  # (K, B + 1, m)
-            q, h_q = entries.sum_by_row(w_table, relu_value), None  # W^T ReLU(x)
+        h = entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
+        q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x), (K (B + 1), m)
         u = None
         if r is None:
             u_sq = entries.u_sq
         else:
-            h_q = None  # q gets W^T R x too
             q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
@@ -375,8 +371,7 @@ class _OneLayerLoss(torch.autograd.Function):
             gram_h = torch.bmm(h.transpose(1, 2), h)
             ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
             total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
-            h_q = torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)) if h_q is None else h_q.to(total.dtype)
-            total.sub_(h_q, alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
+            total.sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
             return total.div_(n * batch_size)
         ctx.save_for_backward(a, w, h, gram, q, r, u, None)
         t = torch.bmm(h, gram).sub_(q, alpha=2)  # G h - 2 q
@@ -416,37 +411,62 @@ class _OneLayerLoss(torch.autograd.Function):
                 d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)
             grad_w = 2 * torch.bmm(w, d_gram)
             grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
-        grad_w, grad_r = _label_map_grads(ctx, w, h, r, u, weight, grad_w)
+        grad_r = None
+        if r is not None:
+            d_t = -entries.sum_by_feature(h_rows, weight).view(k, n, m)  # gradient at T = R^T W
+            grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, d_t, grad_w)
         return grad_a, grad_w, grad_r, None, None, None, None
 
 
+def _native_forward(ctx, a, w, r, entries, batch_size):
+    """The batch mean's forward (`_OneLayerLoss`, a, w, r detached) with its bags in one C call."""
+    k, m, n = a.shape
+    a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m)
+    t_table = rt_table = None
+    if r is not None:
+        r_t = r.transpose(1, 2)
+        t_table, rt_table = (r_t @ w).reshape(k * n, m), r_t.contiguous().view(k * n, n)  # T = R^T W, R^T
+    h, q, u, labels = native.hidden_cross(
+        entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
+    )
+    h, q = h.view(k, -1, m), q.view(k, -1, m)
+    gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
+    gram_h = torch.bmm(h.transpose(1, 2), h)  # H^T H: sum_b h_b . G h_b = <G, H^T H>
+    ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, None, batch_size, True
+    ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
+    total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
+    return total.add_(labels.to(total.dtype)).div_(n * batch_size)  # + sum_b ||u_b||^2 - 2 h_b . q_b
+
+
 def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
-    """The batch mean's backward with its bags (and the ReLU's mask) in one C call: the same sums."""
+    """The batch mean's backward with its bags (G h - q and the ReLU's mask too) in one C call."""
     entries = ctx.entries
     k, m, n = a.shape
     gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
-    grad_at, relu_bag = native.feature_grads(entries.lib, entries, scale.float().contiguous(), gh, q, h, k, n, m)
+    scale = scale.float().contiguous()
+    grad_at, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
     grad_a = grad_at.view(k, n, m).transpose(1, 2) if ctx.needs_input_grad[0] else None
-    grad_w = None
+    grad_w = grad_r = None
     if ctx.needs_input_grad[1]:  # 2 W dL/dG - sum_c s ReLU(v_c) h_r, dL/dG = sum_b (g_b / n) h_b h_b^T
         d_gram = gram_h * (scale / 2)[:, None, None]
         grad_w = torch.baddbmm(relu_bag.view(k, n, m), w, d_gram, beta=-1, alpha=2)
-    weight = None if r is None else entries.value_by_feature * scale.index_select(0, entries.instance_by_feature)
-    grad_w, grad_r = _label_map_grads(ctx, w, h, r, u, weight, grad_w)
+    if r is not None:
+        weight = None
+        if ctx.needs_input_grad[2]:
+            weight = entries.value_by_feature * scale.index_select(0, entries.instance_by_feature)
+        grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, -grad_t.view(k, n, m), grad_w)
     return grad_a, grad_w, grad_r, None, None, None, None
 
 
-def _label_map_grads(ctx, w, h, r, u, weight, grad_w):
-    """(grad_w, grad_r) with the labels' linear part R x: dL/dW gains R dT, and dL/dR (None without R)."""
-    if r is None:
-        return grad_w, None
-    entries, (k, n, m) = ctx.entries, w.shape
+def _label_map_grads(ctx, w, r, u, weight, d_t, grad_w):
+    """(grad_w, grad_r) of labels with a linear part R x: dL/dW gains R dT (d_t, the gradient at
+    T = R^T W), and dL/dR (None unless R needs it; weight: value_c s_c in feature order)."""
+    k, n, _ = w.shape
     grad_r = None
-    d_t = -entries.sum_by_feature(h.view(-1, m), weight).view(k, n, m)  # gradient at T = R^T W
     if ctx.needs_input_grad[1]:
         grad_w += torch.bmm(r, d_t)
     if ctx.needs_input_grad[2]:
         # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
-        d_rt = entries.sum_by_feature(u, weight).view(k, n, n)
+        d_rt = ctx.entries.sum_by_feature(u, weight).view(k, n, n)
         grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
     return grad_w, grad_r

@@ -125,59 +125,86 @@ int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *r
     return R;
 }
 
-/* The forward's two bags by row, with the ReLU: for every stacked row j (of K rows_per_instance),
- *   h_j = ReLU(sum_c value_c at[feature_c]),  q_j = sum_c relu_c w[feature_c]   (c: the entries of j)
- * and h_q[k] = sum over instance k's rows of h_j . q_j. at = A^T and w stacked (K n, m). */
-void cis_hidden_cross(int64_t K, int64_t rows_per_instance, int64_t m, int64_t n_entries, const int64_t *row_start,
-                      const int64_t *feature, const float *value, const float *relu, const float *at,
-                      const float *w, float *h, float *q, double *h_q) {
+/* The forward's bags by row, with the ReLU: for every stacked row j of instance k (c: its entries),
+ *   h_j = ReLU(sum_c value_c at[feature_c]),  q_j = sum_c (relu_c w[feature_c] + value_c t[feature_c])
+ *   u_j = sum_c value_c rt[feature_c] + ReLU(x_j)   (the labels; without rt, u_j = ReLU(x_j))
+ * and labels[k] = sum over instance k's rows of ||u_j||^2 - 2 h_j . q_j. at = A^T, w, t = R^T W
+ * stacked (K n, m); rt = R^T stacked (K n, n). t and rt may be NULL (labels without R x), and u
+ * (K rows, n) too (u not kept). */
+void cis_hidden_cross(int64_t K, int64_t rows_per_instance, int64_t m, int64_t n, int64_t n_entries,
+                      const int64_t *row_start, const int64_t *feature, const float *value, const float *relu,
+                      const float *at, const float *w, const float *t, const float *rt, float *h, float *q, float *u,
+                      double *labels) {
     int64_t n_rows = K * rows_per_instance;
+    float scratch[rt != NULL && u == NULL ? n : 1];
     for (int64_t k = 0; k < K; k++) {
         double sum = 0.0;
         for (int64_t j = k * rows_per_instance; j < (k + 1) * rows_per_instance; j++) {
-            int64_t c = row_start[j], end = j + 1 < n_rows ? row_start[j + 1] : n_entries;
+            int64_t start = row_start[j], end = j + 1 < n_rows ? row_start[j + 1] : n_entries;
             float *restrict h_j = h + j * m, *restrict q_j = q + j * m;
-            if (c == end) { /* an empty (filler or padding) row */
+            float *restrict u_j = u != NULL ? u + j * n : scratch;
+            if (start == end) { /* an empty (filler or padding) row */
                 memset(h_j, 0, (size_t)m * sizeof(float));
                 memset(q_j, 0, (size_t)m * sizeof(float));
+                if (u != NULL) memset(u_j, 0, (size_t)n * sizeof(float));
                 continue;
             }
-            { /* the first entry sets the row (most rows have one) */
+            for (int64_t c = start; c < end; c++) {
                 const float *restrict a_f = at + feature[c] * m, *restrict w_f = w + feature[c] * m;
-                float v = value[c], u = relu[c];
-                for (int64_t i = 0; i < m; i++) {
-                    h_j[i] = v * a_f[i];
-                    q_j[i] = u * w_f[i];
+                float v = value[c], r = relu[c];
+                if (c == start) { /* the first entry sets the row (most rows have one) */
+                    for (int64_t i = 0; i < m; i++) {
+                        h_j[i] = v * a_f[i];
+                        q_j[i] = r * w_f[i];
+                    }
+                } else {
+                    for (int64_t i = 0; i < m; i++) {
+                        h_j[i] += v * a_f[i];
+                        q_j[i] += r * w_f[i];
+                    }
+                }
+                if (t != NULL) {
+                    const float *restrict t_f = t + feature[c] * m;
+                    for (int64_t i = 0; i < m; i++) q_j[i] += v * t_f[i];
                 }
             }
-            for (c++; c < end; c++) {
-                const float *restrict a_f = at + feature[c] * m, *restrict w_f = w + feature[c] * m;
-                float v = value[c], u = relu[c];
-                for (int64_t i = 0; i < m; i++) {
-                    h_j[i] += v * a_f[i];
-                    q_j[i] += u * w_f[i];
-                }
-            }
-            float dot = 0.0f;
+            float dot = 0.0f, u_sq = 0.0f;
 #pragma omp simd reduction(+ : dot) /* partial sums in SIMD lanes (-fopenmp-simd), not one chain */
             for (int64_t i = 0; i < m; i++) {
                 h_j[i] = h_j[i] > 0.0f ? h_j[i] : 0.0f;
                 dot += h_j[i] * q_j[i];
             }
-            sum += dot;
+            if (rt != NULL) {
+                for (int64_t c = start; c < end; c++) {
+                    const float *restrict rt_f = rt + feature[c] * n;
+                    float v = value[c];
+                    if (c == start) {
+                        for (int64_t i = 0; i < n; i++) u_j[i] = v * rt_f[i];
+                    } else {
+                        for (int64_t i = 0; i < n; i++) u_j[i] += v * rt_f[i];
+                    }
+                }
+                for (int64_t c = start; c < end; c++) u_j[feature[c] - k * n] += relu[c];
+#pragma omp simd reduction(+ : u_sq)
+                for (int64_t i = 0; i < n; i++) u_sq += u_j[i] * u_j[i];
+            } else { /* ||ReLU(x_j)||^2: the entries of a sample are distinct features */
+                for (int64_t c = start; c < end; c++) u_sq += relu[c] * relu[c];
+            }
+            sum += (double)u_sq - 2.0 * (double)dot;
         }
-        h_q[k] = sum;
+        labels[k] = sum;
     }
 }
 
-/* The backward's two bags by feature, with G h - q and the ReLU's mask: for every stacked feature f
- * of instance k, over the entries c of f (r their rows),
- *   grad_at[f] = scale_k sum_c value_c [h_r > 0] (gh_r - q_r),  grad_w[f] = scale_k sum_c relu_c h_r
+/* The backward's bags by feature, with G h - q and the ReLU's mask: for every stacked feature f of
+ * instance k, over the entries c of f (r their rows),
+ *   grad_at[f] = scale_k sum_c value_c [h_r > 0] (gh_r - q_r),  grad_w[f] = scale_k sum_c relu_c h_r,
+ *   grad_t[f] = scale_k sum_c value_c h_r   (if grad_t is not NULL: labels with R x)
  * with gh = h G (torch's bmm). (K n, m) each. */
 void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const int64_t *feature_start,
                        const int64_t *row_by_feature, const float *value_by_feature, const float *relu_by_feature,
                        const float *scale, const float *gh, const float *q, const float *h, float *grad_at,
-                       float *grad_w) {
+                       float *grad_w, float *grad_t) {
     int64_t n_groups = K * n;
     for (int64_t k = 0; k < K; k++) {
         float s = scale[k];
@@ -185,6 +212,9 @@ void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const
             int64_t end = f + 1 < n_groups ? feature_start[f + 1] : n_entries;
             float *restrict ga = grad_at + f * m, *restrict gw = grad_w + f * m;
             for (int64_t i = 0; i < m; i++) ga[i] = gw[i] = 0.0f;
+            float *restrict gt = grad_t != NULL ? grad_t + f * m : NULL;
+            if (gt != NULL)
+                for (int64_t i = 0; i < m; i++) gt[i] = 0.0f;
             for (int64_t c = feature_start[f]; c < end; c++) {
                 int64_t r = row_by_feature[c] * m;
                 const float *restrict gh_r = gh + r, *restrict q_r = q + r, *restrict h_r = h + r;
@@ -193,11 +223,15 @@ void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const
                     ga[i] += h_r[i] > 0.0f ? v * (gh_r[i] - q_r[i]) : 0.0f;
                     gw[i] += u * h_r[i];
                 }
+                if (gt != NULL)
+                    for (int64_t i = 0; i < m; i++) gt[i] += v * h_r[i];
             }
             for (int64_t i = 0; i < m; i++) {
                 ga[i] *= s;
                 gw[i] *= s;
             }
+            if (gt != NULL)
+                for (int64_t i = 0; i < m; i++) gt[i] *= s;
         }
     }
 }

@@ -39,8 +39,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "cis_active_entries": ([_I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
     "cis_prepare": ([_I64, _I64, _I64, _I64] + [_PTR] * 14, _I64),
-    "cis_hidden_cross": ([_I64, _I64, _I64, _I64] + [_PTR] * 9, None),
-    "cis_feature_grads": ([_I64, _I64, _I64, _I64] + [_PTR] * 10, None),
+    "cis_hidden_cross": ([_I64] * 5 + [_PTR] * 12, None),
+    "cis_feature_grads": ([_I64] * 4 + [_PTR] * 11, None),
 }
 
 
@@ -176,31 +176,46 @@ def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch
 
 
 def hidden_cross(
-    lib: ctypes.CDLL, entries, a_table: Tensor, w_table: Tensor, k: int, m: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """h = ReLU(A x) and q = W^T ReLU(x), each (K rows, m), and sum_b h_b . q_b (K,) float64, from the
-    entries by row (`fused._Entries`) and the tables A^T and W, each (K n, m) contiguous float32."""
+    lib: ctypes.CDLL,
+    entries,
+    a_table: Tensor,
+    w_table: Tensor,
+    t_table: Tensor | None,
+    rt_table: Tensor | None,
+    keep_u: bool,
+    k: int,
+    n: int,
+    m: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """h = ReLU(A x) and q = W^T u (each (K rows, m)), u = ReLU(x) + R x ((K rows, n) if keep_u, else
+    None) and sum_b ||u_b||^2 - 2 h_b . q_b per instance (K,) float64, from the entries by row
+    (`fused._Entries`) and the stacked tables A^T, W, T = R^T W (K n, m) and R^T (K n, n), contiguous
+    float32; t_table and rt_table None for labels without R x."""
     rows = entries.n_rows // k
     h, q = (torch.empty(k * rows, m, dtype=torch.float32) for _ in range(2))
-    h_q = torch.empty(k, dtype=torch.float64)
+    u = torch.empty(k * rows, n, dtype=torch.float32) if keep_u and rt_table is not None else None
+    labels = torch.empty(k, dtype=torch.float64)
     lib.cis_hidden_cross(
         k,
         rows,
         m,
+        n,
         entries.feature.shape[0],
-        *(_ptr(a) for a in (entries.row_start, entries.feature, entries.value, entries.relu_value)),
-        *(_ptr(a) for a in (a_table, w_table, h, q, h_q)),
+        *(_ptr(a) for a in (entries.row_start, entries.feature, entries.value, entries.relu_value, a_table, w_table)),
+        *(None if a is None else _ptr(a) for a in (t_table, rt_table)),
+        *(None if a is None else _ptr(a) for a in (h, q, u, labels)),
     )
-    return h, q, h_q
+    return h, q, u, labels
 
 
 def feature_grads(
-    lib: ctypes.CDLL, entries, scale: Tensor, gh: Tensor, q: Tensor, h: Tensor, k: int, n: int, m: int
-) -> tuple[Tensor, Tensor]:
-    """(K n, m) each: scale_k sum_c value_c [h_r > 0] (gh_r - q_r) and scale_k sum_c ReLU(value_c) h_r
-    over the entries c of every feature (r their rows); gh = h G, q and h (K, rows, m) contiguous
-    float32, scale (K,) float32."""
+    lib: ctypes.CDLL, entries, scale: Tensor, gh: Tensor, q: Tensor, h: Tensor, with_t: bool, k: int, n: int, m: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(K n, m) each, over the entries c of every feature (r their rows): scale_k sum_c value_c
+    [h_r > 0] (gh_r - q_r), scale_k sum_c ReLU(value_c) h_r and (with_t, else None) scale_k sum_c
+    value_c h_r; gh = h G, q and h (K, rows, m) contiguous float32, scale (K,) float32."""
     grad_a, grad_w = (torch.empty(k * n, m, dtype=torch.float32) for _ in range(2))
+    grad_t = torch.empty(k * n, m, dtype=torch.float32) if with_t else None
     lib.cis_feature_grads(
         k,
         n,
@@ -208,5 +223,6 @@ def feature_grads(
         entries.row_by_feature.shape[0],
         *(_ptr(a) for a in (entries.feature_start, entries.row_by_feature, entries.value_by_feature)),
         *(_ptr(a) for a in (entries.relu_value_by_feature, scale, gh, q, h, grad_a, grad_w)),
+        None if grad_t is None else _ptr(grad_t),
     )
-    return grad_a, grad_w
+    return grad_a, grad_w, grad_t
