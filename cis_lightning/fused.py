@@ -75,10 +75,12 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
         # A mean puts nothing back in place, and may merge single-feature samples (`drop_empty_rows`).
         merge = mean and k * batch_size >= MERGE_SINGLE_FROM
-        # The C kernels (`native`) do the unmerged batch mean in float32, the training step at K = 1.
+        # Below MERGE_SINGLE_FROM samples a float32 batch mean (the training step at K = 1) takes the C
+        # kernels (`native`), which merge single-feature samples at no cost worth the name (1.11x faster
+        # core steps at K = 1, ad hoc). Sweeps keep numpy: C's single thread was no faster at K = 16.
         lib = native.library() if mean and not merge and a.dtype == torch.float32 else None
         if lib is not None:
-            entries = _Entries.from_native(lib, x, k)
+            entries = _Entries.from_native(lib, x, k, merge=True)
         else:
             x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
             entries = _Entries.on_host(x, k, a.dtype)
@@ -256,12 +258,14 @@ class _Entries:
         return entries
 
     @classmethod
-    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int) -> _Entries:
-        """`on_host` of `drop_empty_rows(x, sources=False)`, the same arrays, from one C call (float32)."""
-        n, c = x.n_features, x.row.shape[1]
+    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int, merge: bool = False) -> _Entries:
+        """`on_host` of `drop_empty_rows(x, sources=False, merge_single=merge)`, the same arrays, from
+        one C call (float32)."""
+        n = x.n_features
         rows, feature, row, value, relu_value, row_start, u_sq, *by_feature, feature_start = native.prepare(
-            lib, x.row, x.feature, x.value, x.batch_size, n
+            lib, x.row, x.feature, x.value, x.batch_size, n, merge
         )
+        c = feature.shape[0] // k  # entries per instance
         entries = cls(
             feature, row, value, relu_value, row_start, *by_feature, feature_start,
             n_rows=k * (rows + 1), n_features=k * n, n_instances=k, lib=lib,

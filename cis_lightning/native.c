@@ -10,6 +10,7 @@
  * (K B < fused.MERGE_SINGLE_FROM) a call costs microseconds. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline uint64_t mix64(uint64_t z) {
@@ -53,24 +54,80 @@ void cis_active_entries(int64_t K, const int64_t *key, const double *log1m_p, co
     }
 }
 
-/* fused.drop_empty_rows(x, sources=False) then _Entries.on_host: the entries of the non-empty samples
- * of K instances, grouped by row and by feature. In: row, feature (K, C) sorted by row per instance
- * (padding row B last), value (K, C). Returns R, the rows kept per instance (the most non-empty
- * samples of any instance rounded up to 64, at most B); the stacked outputs then use K (R + 1) rows
- * (row R of each instance: padding) and K n features:
- *   feature_out, row_out, value_out, relu_out (K C): the entries in their order, stacked ids;
+/* fused.drop_empty_rows(x, sources=False, merge_single) then _Entries.on_host: the entries of the
+ * non-empty samples of K instances, grouped by row and by feature. In: row, feature (K, C) sorted
+ * by row per instance (padding row B last), value (K, C). With `merge`, the single-feature samples
+ * of each (instance, feature, sign) become one of value sign sqrt(sum v^2) (the others 0, their rows
+ * dropped), and only the first W = min(C, the most real entries of any instance rounded up to 64,
+ * at least 64) columns are kept; otherwise W = C. Returns R, the rows kept per instance (the most
+ * kept samples of any instance rounded up to 64, at most B), and sets *width = W; the stacked
+ * outputs then use K (R + 1) rows (row R of each instance: padding), K n features, K W entries:
+ *   feature_out, row_out, value_out, relu_out (K W): the entries in their order, stacked ids;
  *   row_start (K (R + 1)), u_sq (K (R + 1)): each row's first entry, and ||ReLU(x_b)||^2;
- *   row_by_feature, value_by_feature, relu_by_feature (K C): the entries stably sorted by feature;
- *   feature_start (K n); counts (K n, scratch). */
-int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *row, const int64_t *feature,
-                    const float *value, int64_t *feature_out, int64_t *row_out, float *value_out, float *relu_out,
-                    int64_t *row_start, float *u_sq, int64_t *row_by_feature, float *value_by_feature,
-                    float *relu_by_feature, int64_t *feature_start, int64_t *counts) {
-    int64_t most = 0;
+ *   row_by_feature, value_by_feature, relu_by_feature (K W): the entries stably sorted by feature;
+ *   feature_start (K n); counts (K n, scratch). Returns -1 if scratch memory runs out. */
+int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, int64_t merge, const int64_t *row,
+                    const int64_t *feature, const float *value, int64_t *width, int64_t *feature_out,
+                    int64_t *row_out, float *value_out, float *relu_out, int64_t *row_start, float *u_sq,
+                    int64_t *row_by_feature, float *value_by_feature, float *relu_by_feature,
+                    int64_t *feature_start, int64_t *counts) {
+    int64_t W = C;
+    if (merge) {
+        int64_t most_real = 0;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t c = 0;
+            while (c < C && row[k * C + c] < B) c++;
+            if (c > most_real) most_real = c;
+        }
+        int64_t trimmed = (most_real + 63) / 64 * 64;
+        if (trimmed < 64) trimmed = 64;
+        if (trimmed < W) W = trimmed;
+    }
+    *width = W;
+    /* Kept rows start at an entry whose row differs from the previous entry's; merged-away ones do not. */
+    unsigned char *starts_row = malloc((size_t)(K * W) + 1);
+    double *square_sum = merge ? calloc((size_t)(K * 2 * n) + 1, sizeof(double)) : NULL;
+    int64_t *keeper = merge ? malloc(((size_t)(K * 2 * n) + 1) * sizeof(int64_t)) : NULL;
+    if (starts_row == NULL || (merge && (square_sum == NULL || keeper == NULL))) {
+        free(starts_row);
+        free(square_sum);
+        free(keeper);
+        return -1;
+    }
     for (int64_t k = 0; k < K; k++) {
         const int64_t *r = row + k * C;
+        for (int64_t c = 0; c < W; c++) {
+            starts_row[k * W + c] = r[c] < B && (c == 0 || r[c] != r[c - 1]);
+            value_out[k * W + c] = value[k * C + c];
+        }
+    }
+    if (merge) { /* the single-feature samples: sums of squares per cell, in entry order; the last one keeps */
+        for (int64_t pass = 0; pass < 2; pass++) {
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t *r = row + k * C, *f = feature + k * C;
+                for (int64_t c = 0; c < W; c++) {
+                    int64_t i = k * W + c;
+                    int alone = starts_row[i] && (c == W - 1 || r[c + 1] != r[c]);
+                    if (!alone) continue;
+                    float v = value_out[i];
+                    int64_t cell = k * 2 * n + 2 * f[c] + (v < 0.0f);
+                    if (pass == 0) {
+                        square_sum[cell] += (double)v * (double)v;
+                        keeper[cell] = i;
+                    } else if (keeper[cell] == i) {
+                        value_out[i] = (float)copysign(sqrt(square_sum[cell]), (double)v);
+                    } else {
+                        value_out[i] = 0.0f;
+                        starts_row[i] = 0; /* merged away: it stays, value 0, in the row before it */
+                    }
+                }
+            }
+        }
+    }
+    int64_t most = 0;
+    for (int64_t k = 0; k < K; k++) {
         int64_t rows = 0;
-        for (int64_t c = 0; c < C && r[c] < B; c++) rows += (c == 0 || r[c] != r[c - 1]);
+        for (int64_t c = 0; c < W; c++) rows += starts_row[k * W + c];
         if (rows > most) most = rows;
     }
     int64_t R = (most + 63) / 64 * 64;
@@ -78,45 +135,40 @@ int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *r
     if (K * C == 0) R = 0;
     int64_t stride = R + 1;
     memset(counts, 0, (size_t)(K * n) * sizeof(int64_t));
-    for (int64_t j = 0; j < K * stride; j++) row_start[j] = 0;  /* counts first, then starts */
+    for (int64_t j = 0; j < K * stride; j++) row_start[j] = 0; /* counts first, then starts */
     for (int64_t k = 0; k < K; k++) {
         const int64_t *r = row + k * C, *f = feature + k * C;
-        const float *v = value + k * C;
-        int64_t compact = -1;
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = k * C + c, out_row;
-            if (r[c] < B) {
-                compact += (c == 0 || r[c] != r[c - 1]);
-                out_row = compact;
-            } else {
-                out_row = R;
-            }
-            out_row += k * stride;
+        int64_t kept = 0;
+        for (int64_t c = 0; c < W; c++) {
+            int64_t i = k * W + c;
+            kept += starts_row[i];
+            int64_t out_row = k * stride + (r[c] < B ? (kept > 0 ? kept - 1 : 0) : R);
             row_out[i] = out_row;
             feature_out[i] = k * n + f[c];
-            value_out[i] = v[c];
-            relu_out[i] = v[c] > 0.0f ? v[c] : 0.0f;
+            relu_out[i] = value_out[i] > 0.0f ? value_out[i] : 0.0f;
             row_start[out_row]++;
             counts[k * n + f[c]]++;
         }
     }
+    free(starts_row);
+    free(square_sum);
+    free(keeper);
     /* ||ReLU(x_b)||^2 per row, summed in float64 in entry order (numpy's bincount), then float. */
     int64_t entry = 0;
     for (int64_t j = 0; j < K * stride; j++) {
         double sum = 0.0;
-        int64_t end = entry + row_start[j];
+        int64_t first = entry, end = entry + row_start[j];
         for (; entry < end; entry++) sum += (double)relu_out[entry] * (double)relu_out[entry];
-        int64_t count = row_start[j];
-        row_start[j] = end - count;
+        row_start[j] = first;
         u_sq[j] = (float)sum;
     }
     int64_t start = 0;
     for (int64_t g = 0; g < K * n; g++) {
         feature_start[g] = start;
         start += counts[g];
-        counts[g] = feature_start[g];  /* the next free slot of group g */
+        counts[g] = feature_start[g]; /* the next free slot of group g */
     }
-    for (int64_t i = 0; i < K * C; i++) {
+    for (int64_t i = 0; i < K * W; i++) {
         int64_t slot = counts[feature_out[i]]++;
         row_by_feature[slot] = row_out[i];
         value_by_feature[slot] = value_out[i];

@@ -38,7 +38,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "cis_active_entries": ([_I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
-    "cis_prepare": ([_I64, _I64, _I64, _I64] + [_PTR] * 14, _I64),
+    "cis_prepare": ([_I64] * 5 + [_PTR] * 15, _I64),
     "cis_hidden_cross": ([_I64] * 5 + [_PTR] * 12, None),
     "cis_feature_grads": ([_I64] * 4 + [_PTR] * 11, None),
 }
@@ -153,10 +153,13 @@ def active_entries(
     return row, feature, value
 
 
-def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch_size: int, n: int) -> tuple:
-    """`fused.drop_empty_rows(sources=False)` then `_Entries.on_host` (row, feature int64 and value
-    float32, each (K, C)): (R, feature, row, value, relu_value, row_start, u_sq, row_by_feature,
-    value_by_feature, relu_value_by_feature, feature_start), the arrays flat and stacked."""
+def prepare(
+    lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch_size: int, n: int, merge: bool = False
+) -> tuple:
+    """`fused.drop_empty_rows(sources=False, merge_single=merge)` then `_Entries.on_host` (row,
+    feature int64 and value float32, each (K, C)): (R, feature, row, value, relu_value, row_start,
+    u_sq, row_by_feature, value_by_feature, relu_value_by_feature, feature_start), the arrays flat and
+    stacked (K W entries: W = C, or fewer columns when merging)."""
     k, c = row.shape
     row, feature = row.contiguous().long(), feature.contiguous().long()
     value = value.contiguous().float()
@@ -165,13 +168,21 @@ def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch
     row_start = torch.empty(k * (batch_size + 1), dtype=torch.int64)
     u_sq = torch.empty(k * (batch_size + 1), dtype=torch.float32)
     feature_start, counts = torch.empty(k * n, dtype=torch.int64), torch.empty(k * n, dtype=torch.int64)
+    width = ctypes.c_int64()
     r = lib.cis_prepare(
         k,
         c,
         batch_size,
         n,
-        *(_ptr(a) for a in (row, feature, value, *flat, row_start, u_sq, *by_feature, feature_start, counts)),
+        int(merge),
+        *(_ptr(a) for a in (row, feature, value)),
+        ctypes.addressof(width),
+        *(_ptr(a) for a in (*flat, row_start, u_sq, *by_feature, feature_start, counts)),
     )
+    if r < 0:
+        raise MemoryError("cis_prepare: no memory for its scratch arrays")
+    entries = k * width.value
+    flat, by_feature = [a[:entries] for a in flat], [a[:entries] for a in by_feature]
     return (r, *flat, row_start[: k * (r + 1)], u_sq[: k * (r + 1)], *by_feature, feature_start)
 
 

@@ -71,17 +71,19 @@ def test_the_c_draw_is_the_numpy_draw_bit_for_bit(lib, rank, world_size, p):
         assert torch.equal(getattr(c_batch, name), getattr(numpy_batch, name)), name
 
 
-def _numpy_entries(x: SparseInput, k: int) -> fused._Entries:
-    compact, _ = fused.drop_empty_rows(x, sources=False)
+def _numpy_entries(x: SparseInput, k: int, merge: bool) -> fused._Entries:
+    compact, _ = fused.drop_empty_rows(x, sources=False, merge_single=merge)
     return fused._Entries.on_host(compact, k, torch.float32)
 
 
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("rank, world_size, p", [(0, 1, (0.1, 0.05)), (1, 3, (0.1, 0.0)), (0, 1, (0.0, 0.0))])
-def test_c_bookkeeping_builds_the_numpy_entries_array_for_array(lib, rank, world_size, p):
-    """Empty samples dropped, rows rounded up to 64, grouped by row and by feature: the same arrays,
-    with a frozen instance, a rank's padding entries, and a batch with no entries at all."""
+def test_c_bookkeeping_builds_the_numpy_entries_array_for_array(lib, rank, world_size, p, merge):
+    """Empty samples dropped, rows rounded up to 64, single-feature samples merged (or not), grouped
+    by row and by feature: the same arrays, with a frozen instance, a rank's padding entries, and a
+    batch with no entries at all."""
     x = _two_instances().draw(300, step=4, rank=rank, world_size=world_size, feature_probability=list(p))
-    want, got = _numpy_entries(x, 2), fused._Entries.from_native(lib, x, 2)
+    want, got = _numpy_entries(x, 2, merge), fused._Entries.from_native(lib, x, 2, merge=merge)
     assert (got.n_rows, got.n_features, got.n_instances) == (want.n_rows, want.n_features, want.n_instances)
     for name in ENTRY_FIELDS:
         a, b = getattr(want, name), getattr(got, name)
@@ -106,6 +108,23 @@ def test_c_bookkeeping_of_a_hand_made_batch():
     assert entries.value_by_feature.tolist() == [0.5, 0.0, -1.0, 0.25]
     assert entries.relu_value_by_feature.tolist() == [0.5, 0.0, 0.0, 0.25]
     assert entries.u_sq.tolist() == [0.25, 0.0625, 0.0, 0.0]  # ||ReLU(x_b)||^2
+
+
+def test_c_merging_drops_the_padding_columns_past_the_fullest_instance_rounded_up_to_64(lib):
+    # Two instances of B = 4, n = 3, 200 columns: instance 0 has 3 real entries, instance 1 none.
+    row = torch.full((2, 200), 4)
+    row[0, :3] = torch.tensor([0, 1, 3])
+    feature = torch.zeros(2, 200, dtype=torch.long)
+    feature[0, :3] = torch.tensor([2, 2, 1])
+    value = torch.zeros(2, 200)
+    value[0, :3] = torch.tensor([0.6, 0.8, -0.5])
+    x = SparseInput(row=row, feature=feature, value=value, batch_size=4, n_features=3)
+    want, got = _numpy_entries(x, 2, merge=True), fused._Entries.from_native(lib, x, 2, merge=True)
+    assert got.feature.shape == (2 * 64,)
+    for name in ENTRY_FIELDS:
+        assert torch.equal(getattr(want, name), getattr(got, name)), name
+    # Samples 0 and 1 (feature 2, positive) became one of value sqrt(0.6^2 + 0.8^2) = 1, kept by the later one.
+    assert got.value[:3].tolist() == [0.0, 1.0, -0.5]
 
 
 NETWORKS = {
@@ -145,7 +164,7 @@ def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_na
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
 
 
-def test_only_the_unmerged_float32_batch_mean_takes_the_c_path(monkeypatch):
+def test_float32_batch_means_below_merge_single_from_take_the_c_path(monkeypatch):
     calls = []
     prepare = native.prepare
     monkeypatch.setattr(native, "prepare", lambda *args: calls.append(1) or prepare(*args))
@@ -154,7 +173,7 @@ def test_only_the_unmerged_float32_batch_mean_takes_the_c_path(monkeypatch):
     evaluation.per_sample_loss(model, task, x)  # per sample: numpy
     evaluation.mean_loss(model.double(), task.double(), SparseInput(x.row, x.feature, x.value.double(), 300, 30))
     monkeypatch.setattr(fused, "MERGE_SINGLE_FROM", 0)
-    evaluation.mean_loss(model.float(), task.float(), x)  # merged single-feature samples: numpy
+    evaluation.mean_loss(model.float(), task.float(), x)  # at a sweep's size: numpy
     assert calls == []
     monkeypatch.setattr(fused, "MERGE_SINGLE_FROM", 10**9)
     evaluation.mean_loss(model, task, x)
