@@ -26,10 +26,11 @@ of degree 2 in x_b): at B = 2048, p = 0.01, n = 100 about 737 rows remain of the
 samples (541 with two or more features, and some 196 of the 200 (feature, sign) cells).
 Tested against the dense autograd form in tests/test_performance.py.
 
-On a CPU an unmerged float32 batch mean (the training step of a single instance) does its host work
-in C (`native`): the bookkeeping of the entries in one call, both forward bags with the ReLU in one,
-both backward bags with G h - q and the ReLU's mask in one; the products stay torch's. Tested against
-the numpy and torch forms in tests/test_native.py.
+On a CPU a float32 batch mean of fewer than MERGE_SINGLE_FROM samples (the training step of a
+single instance) does its host work in C (`native`): the bookkeeping of the entries, single-feature
+samples merged, in one call, the forward bags with the ReLU in one, the backward bags with G h - q and
+the ReLU's mask in one; the products stay torch's. Tested against the numpy and torch forms in
+tests/test_native.py.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from cis_lightning.task import SparseInput
 # cost on a few thousand numbers is a fraction of torch's.
 HOST_PATH_ON = ("cpu",)
 
-# A batch mean of at least this many samples (K B) merges its single-feature samples
+# A batch mean of at least this many samples (K B) merges its single-feature samples in numpy
 # (`drop_empty_rows`). The merge is some 25 numpy calls on the host, about 75 us at K = 1 on the
 # 2-core test machine, about what the rows it saves are worth there; with more instances the saved
 # rows win (`make bench`: "the core step with single-feature samples merged" at K = 1, "K=16 without
-# merging single-feature samples").
+# merging single-feature samples"). Smaller float32 batch means take the C kernels, which always merge.
 MERGE_SINGLE_FROM = 4096
 
 

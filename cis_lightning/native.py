@@ -21,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -122,8 +123,6 @@ def _cpu_flags() -> str:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        import platform
-
         return platform.processor() + platform.machine()
 
 
