@@ -51,3 +51,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def hand_made_batch():
+    """B = 3, n = 3: sample 0 has features 0 (0.5) and 2 (-1.0), sample 1 none, sample 2 feature 2
+    (0.25); one padding entry (row B = 3)."""
+    import torch
+
+    from cis_lightning.task import SparseInput
+
+    return SparseInput(
+        row=torch.tensor([[0, 0, 2, 3]]),
+        feature=torch.tensor([[0, 2, 2, 0]]),
+        value=torch.tensor([[0.5, -1.0, 0.25, 0.0]]),
+        batch_size=3,
+        n_features=3,
+    )

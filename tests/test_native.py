@@ -19,7 +19,7 @@ from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP, ResidualMLP
 from cis_lightning.task import Instance, SparseInput, Task
-from tests.conftest import tiny_args
+from tests.conftest import hand_made_batch, tiny_args
 
 ENTRY_FIELDS = (
     "feature",
@@ -91,14 +91,7 @@ def test_c_bookkeeping_builds_the_numpy_entries_array_for_array(lib, rank, world
 
 
 def test_c_bookkeeping_of_a_hand_made_batch():
-    # B = 3, n = 3: sample 0 has features 0 and 2, sample 1 none, sample 2 feature 2; one padding entry.
-    x = SparseInput(
-        row=torch.tensor([[0, 0, 2, 3]]),
-        feature=torch.tensor([[0, 2, 2, 0]]),
-        value=torch.tensor([[0.5, -1.0, 0.25, 0.0]]),
-        batch_size=3,
-        n_features=3,
-    )
+    x = hand_made_batch()  # B = 3, n = 3: samples 0 and 2 non-empty, one padding entry
     entries = fused._Entries.from_native(native.library(), x, 1)
     # Two non-empty samples: R = min(B, 2 rounded up to 64) = 3 rows (the last a filler) and the padding row.
     assert entries.n_rows == 4 and entries.row.tolist() == [0, 0, 1, 3]

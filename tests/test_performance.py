@@ -24,7 +24,7 @@ from cis_lightning.main import run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP, ResidualMLP
 from cis_lightning.task import Instance, SparseInput, Task
-from tests.conftest import tiny_args
+from tests.conftest import hand_made_batch, tiny_args
 
 
 def _gradients(loss: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -273,14 +273,7 @@ def _entries(x: SparseInput, k: int, on_host: bool) -> fused_module._Entries:
 
 @pytest.mark.parametrize("on_host", [True, False])
 def test_entries_of_a_hand_made_batch_are_grouped_by_row_and_by_feature(on_host):
-    # B = 3, n = 3: sample 0 has features 0 and 2, sample 2 has feature 2; one padding entry (row B = 3).
-    x = SparseInput(
-        row=torch.tensor([[0, 0, 2, 3]]),
-        feature=torch.tensor([[0, 2, 2, 0]]),
-        value=torch.tensor([[0.5, -1.0, 0.25, 0.0]]),
-        batch_size=3,
-        n_features=3,
-    )
+    x = hand_made_batch()  # B = 3, n = 3: samples 0 and 2 non-empty, one padding entry
     entries = _entries(x, 1, on_host)
     assert entries.row_start.tolist() == [0, 2, 2, 3]  # rows 0..3 hold 2, 0, 1, 1 entries
     # By feature, stably: feature 0 (entries 0, 3), feature 1 (none), feature 2 (entries 1, 2).
