@@ -26,10 +26,10 @@ of degree 2 in x_b): at B = 2048, p = 0.01, n = 100 about 737 rows remain of the
 samples (541 with two or more features, and some 196 of the 200 (feature, sign) cells).
 Tested against the dense autograd form in tests/test_performance.py.
 
-On a CPU a float32 batch mean of fewer than MERGE_SINGLE_FROM samples (the training step of a
-single instance) does its host work in C (`native`): the bookkeeping of the entries, single-feature
-samples merged, in one call, the forward bags with the ReLU in one, the backward bags with G h - q and
-the ReLU's mask in one; the products stay torch's. Tested against the numpy and torch forms in
+On a CPU a float32 batch mean (the training step) does its host work in C (`native`): the
+bookkeeping of the entries, single-feature samples merged, in one call, and below MERGE_SINGLE_FROM
+samples (a single instance) the forward bags with the ReLU in one and the backward bags with G h - q
+and the ReLU's mask in one; the products stay torch's. Tested against the numpy and torch forms in
 tests/test_native.py.
 """
 
@@ -55,7 +55,7 @@ HOST_PATH_ON = ("cpu",)
 # (`drop_empty_rows`). The merge is some 25 numpy calls on the host, about 75 us at K = 1 on the
 # 2-core test machine, about what the rows it saves are worth there; with more instances the saved
 # rows win (`make bench`: "the core step with single-feature samples merged" at K = 1, "K=16 without
-# merging single-feature samples"). Smaller float32 batch means take the C kernels, which always merge.
+# merging single-feature samples"). Float32 batch means merge in C (`native`), whatever their size.
 MERGE_SINGLE_FROM = 4096
 
 
@@ -76,12 +76,13 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     if x.row.device.type in HOST_PATH_ON and not torch.compiler.is_compiling():
         # A mean puts nothing back in place, and may merge single-feature samples (`drop_empty_rows`).
         merge = mean and k * batch_size >= MERGE_SINGLE_FROM
-        # Below MERGE_SINGLE_FROM samples a float32 batch mean (the training step at K = 1) takes the C
-        # kernels (`native`), which merge single-feature samples at no cost worth the name (1.11x faster
-        # core steps at K = 1, ad hoc). Sweeps keep numpy: C's single thread was no faster at K = 16.
-        lib = native.library() if mean and not merge and a.dtype == torch.float32 else None
+        # A float32 batch mean (the training step) groups its entries in C (`native`), which merges
+        # single-feature samples at no cost worth the name (1.11x faster core steps at K = 1, ad hoc);
+        # below MERGE_SINGLE_FROM samples (K = 1) its bags run in C too. A sweep's bags stay torch's:
+        # C's single thread ran them no faster at K = 16.
+        lib = native.library() if mean and a.dtype == torch.float32 else None
         if lib is not None:
-            entries = _Entries.from_native(lib, x, k, merge=True)
+            entries = _Entries.from_native(lib, x, k, merge=True, bags_in_c=not merge)
         else:
             x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
             entries = _Entries.on_host(x, k, a.dtype)
@@ -259,9 +260,11 @@ class _Entries:
         return entries
 
     @classmethod
-    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int, merge: bool = False) -> _Entries:
+    def from_native(
+        cls, lib: ctypes.CDLL, x: SparseInput, k: int, merge: bool = False, bags_in_c: bool = True
+    ) -> _Entries:
         """`on_host` of `drop_empty_rows(x, sources=False, merge_single=merge)`, the same arrays, from
-        one C call (float32)."""
+        one C call (float32); with `bags_in_c` the loss runs its bags in C too."""
         n = x.n_features
         rows, feature, row, value, relu_value, row_start, u_sq, *by_feature, feature_start = native.prepare(
             lib, x.row, x.feature, x.value, x.batch_size, n, merge
@@ -269,7 +272,7 @@ class _Entries:
         c = feature.shape[0] // k  # entries per instance
         entries = cls(
             feature, row, value, relu_value, row_start, *by_feature, feature_start,
-            n_rows=k * (rows + 1), n_features=k * n, n_instances=k, lib=lib,
+            n_rows=k * (rows + 1), n_features=k * n, n_instances=k, lib=lib if bags_in_c else None,
         )  # fmt: skip
         entries.__dict__["instance_by_feature"] = _instances_by_feature(k, c)
         entries.__dict__["u_sq"] = u_sq

@@ -127,25 +127,32 @@ NETWORKS = {
 }
 
 
+def _counting(monkeypatch, name: str) -> list[int]:
+    """Calls of native.<name> from here on."""
+    calls, function = [], getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *args: calls.append(1) or function(*args))
+    return calls
+
+
 @pytest.mark.parametrize("network_name", list(NETWORKS))
 @pytest.mark.parametrize("learned_mixing", [False, True])
 @pytest.mark.parametrize("p", [(0.1, 0.05), (0.1, 0.0)])
-def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_name, learned_mixing, p):
+@pytest.mark.parametrize("bags", ["C", "torch"])
+def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(
+    lib, network_name, learned_mixing, p, bags, monkeypatch
+):
     """The training loss (batch mean, float32) and its gradients, the weights', and sigma's through
-    the labels' linear part R x, against the float64 numpy and torch form; a frozen instance too."""
+    the labels' linear part R x, against the float64 numpy and torch form; a frozen instance too.
+    Bags in C (K B < MERGE_SINGLE_FROM) or in torch on the C bookkeeping (a sweep's size)."""
+    monkeypatch.setattr(fused, "MERGE_SINGLE_FROM", 10**9 if bags == "C" else 0)
     mixing = {"sigma": 0.2, "learn_sigma": True, "mixing": Mixing("gaussian", symmetric=True)} if learned_mixing else {}
     task, model = _two_instances(**mixing), NETWORKS[network_name]()
     x = task.draw(300, step=4, feature_probability=list(p))
     params = list(model.parameters()) + ([task.sigma] if learned_mixing else [])
-    calls = []
-    prepare = native.prepare
-    try:
-        native.prepare = lambda *args: calls.append(1) or prepare(*args)
-        loss = evaluation.mean_loss(model, task, x)
-        grads = torch.autograd.grad((loss * torch.tensor([0.7, 1.3])).sum(), params)
-    finally:
-        native.prepare = prepare
-    assert calls == [1]  # the C path ran
+    prepared, bagged = _counting(monkeypatch, "prepare"), _counting(monkeypatch, "hidden_cross")
+    loss = evaluation.mean_loss(model, task, x)
+    grads = torch.autograd.grad((loss * torch.tensor([0.7, 1.3])).sum(), params)
+    assert prepared == [1] and len(bagged) == (bags == "C")  # the C path ran
     model64, task64 = model.double(), task.double()
     x64 = SparseInput(x.row, x.feature, x.value.double(), x.batch_size, x.n_features)
     loss64 = evaluation.mean_loss(model64, task64, x64)
@@ -157,20 +164,19 @@ def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_na
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
 
 
-def test_float32_batch_means_below_merge_single_from_take_the_c_path(monkeypatch):
-    calls = []
-    prepare = native.prepare
-    monkeypatch.setattr(native, "prepare", lambda *args: calls.append(1) or prepare(*args))
+def test_float32_batch_means_take_the_c_path_with_c_bags_below_merge_single_from(monkeypatch):
+    prepared, bagged = _counting(monkeypatch, "prepare"), _counting(monkeypatch, "hidden_cross")
     task, model = _two_instances(), MLP(n_features=30, d_mlp=8, seeds=[0, 1])
     x = task.draw(300, step=1)
     evaluation.per_sample_loss(model, task, x)  # per sample: numpy
     evaluation.mean_loss(model.double(), task.double(), SparseInput(x.row, x.feature, x.value.double(), 300, 30))
+    assert prepared == [] and bagged == []
     monkeypatch.setattr(fused, "MERGE_SINGLE_FROM", 0)
-    evaluation.mean_loss(model.float(), task.float(), x)  # at a sweep's size: numpy
-    assert calls == []
+    evaluation.mean_loss(model.float(), task.float(), x)  # at a sweep's size: C bookkeeping, torch's bags
+    assert prepared == [1] and bagged == []
     monkeypatch.setattr(fused, "MERGE_SINGLE_FROM", 10**9)
     evaluation.mean_loss(model, task, x)
-    assert calls == [1]
+    assert prepared == [1, 1] and bagged == [1]
 
 
 @pytest.fixture
