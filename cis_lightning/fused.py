@@ -371,16 +371,11 @@ class _OneLayerLoss(torch.autograd.Function):
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
             u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
         q = q.view(k, -1, m)
-        gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
-        if mean:  # the sum over each instance's rows (padding and filler rows have loss 0), over n B
-            # sum_b h_b . G h_b = <G, H^T H>: H^T H is the backward's dL/dG up to a factor, so G h is
-            # made only in the backward.
-            gram_h = torch.bmm(h.transpose(1, 2), h)
-            ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
-            total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
-            total.sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2).add_(u_sq.view(k, -1).sum(dim=1))
-            return total.div_(n * batch_size)
+        if mean:
+            labels = u_sq.view(k, -1).sum(dim=1).sub_(torch.linalg.vecdot(h.view(k, -1), q.view(k, -1)), alpha=2)
+            return _batch_mean(ctx, a, w, r, h, q, u, labels)
+        gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
         ctx.save_for_backward(a, w, h, gram, q, r, u, None)
         t = torch.bmm(h, gram).sub_(q, alpha=2)  # G h - 2 q
         loss = ((h * t).sum(dim=2) + u_sq.view(k, -1)) / n
@@ -419,7 +414,6 @@ class _OneLayerLoss(torch.autograd.Function):
                 d_gram = torch.bmm((h * (g / n)[..., None]).transpose(1, 2), h)
             grad_w = 2 * torch.bmm(w, d_gram)
             grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
-        grad_r = None
         if r is not None:
             d_t = -entries.sum_by_feature(h_rows, weight).view(k, n, m)  # gradient at T = R^T W
             grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, d_t, grad_w)
@@ -437,13 +431,22 @@ def _native_forward(ctx, a, w, r, entries, batch_size):
     h, q, u, labels = native.hidden_cross(
         entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
     )
-    h, q = h.view(k, -1, m), q.view(k, -1, m)
-    gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
-    gram_h = torch.bmm(h.transpose(1, 2), h)  # H^T H: sum_b h_b . G h_b = <G, H^T H>
     ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, None, batch_size, True
+    return _batch_mean(ctx, a, w, r, h.view(k, -1, m), q.view(k, -1, m), u, labels.to(a.dtype))
+
+
+def _batch_mean(ctx, a, w, r, h, q, u, labels):
+    """The batch mean (K,) from h, q (K, rows, m) and labels_k = sum_b ||u_b||^2 - 2 h_b . q_b over
+    instance k's rows (padding and filler rows have loss 0), saving what the backward needs.
+
+    sum_b h_b . G h_b = <G, H^T H>: H^T H is the backward's dL/dG up to a factor, so G h is made only
+    in the backward."""
+    k, m, n = a.shape
+    gram = torch.bmm(w.transpose(1, 2), w)  # G = W^T W (K, m, m)
+    gram_h = torch.bmm(h.transpose(1, 2), h)
     ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
     total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
-    return total.add_(labels.to(total.dtype)).div_(n * batch_size)  # + sum_b ||u_b||^2 - 2 h_b . q_b
+    return total.add_(labels).div_(n * ctx.batch_size)
 
 
 def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):

@@ -6,8 +6,9 @@
  * cis_prepare is fused.drop_empty_rows + _Entries.on_host (the same arrays), cis_hidden_cross and
  * cis_feature_grads are the embedding bags of fused._OneLayerLoss (the same sums, in another order).
  * Shapes: K instances, C entries per instance, B samples, n features, m neurons; "stacked" arrays
- * hold the K instances one after another. Single-threaded: at the sizes that take this path
- * (K B < fused.MERGE_SINGLE_FROM) a call costs microseconds. */
+ * hold the K instances one after another. Single-threaded: the bags run here only below
+ * fused.MERGE_SINGLE_FROM samples (K = 1), where a call costs microseconds; a sweep's bookkeeping
+ * (cis_prepare) is one pass over its entries. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

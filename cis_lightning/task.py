@@ -325,7 +325,8 @@ class Task(nn.Module):
     def _sparse(
         self, key: Tensor, p: Tensor, batch_size: int, local: int, rank: int, p_max: float, compiled: bool = False
     ) -> SparseInput:
-        """Draw only the active entries (`_active_entries`); on a CPU in numpy, or compiled, with the same bits."""
+        """Draw only the active entries (`_active_entries`); a small CPU draw in C (`native`) or numpy,
+        others in torch, compiled or not: the same bits every way."""
         n = self.n_features
         mean = batch_size * n * p_max
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
