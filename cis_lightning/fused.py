@@ -423,7 +423,8 @@ class _OneLayerLoss(torch.autograd.Function):
 def _native_forward(ctx, a, w, r, entries, batch_size):
     """The batch mean's forward (`_OneLayerLoss`, a, w, r detached) with its bags in one C call."""
     k, m, n = a.shape
-    a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m)
+    # contiguous: a tied MLP's W = A^T reshapes to a strided view at K = 1
+    a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m).contiguous()
     t_table = rt_table = None
     if r is not None:
         r_t = r.transpose(1, 2)

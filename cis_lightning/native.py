@@ -127,6 +127,9 @@ def _cpu_flags() -> str:
 
 
 def _ptr(a: Tensor | np.ndarray) -> int:
+    """The address of a's first element: the kernels read every array as dense and row-major."""
+    if not (a.flags.c_contiguous if isinstance(a, np.ndarray) else a.is_contiguous()):
+        raise ValueError(f"the C kernels take contiguous arrays, got one of shape {tuple(a.shape)} with other strides")
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 

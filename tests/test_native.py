@@ -164,6 +164,38 @@ def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
 
 
+@pytest.mark.parametrize("network_name", ["mlp", "tied mlp", "residual"])
+def test_one_instance_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_name, monkeypatch):
+    """K = 1, as every config trains, with the bags in C. A tied MLP's W = A^T is a strided view of
+    A, which at K = 1 reshapes to a (n, m) table without a copy: the kernels must get it dense."""
+    task = Task([Instance(0.1)], 30)
+    model = {
+        "mlp": lambda: MLP(n_features=30, d_mlp=8),
+        "tied mlp": lambda: MLP(n_features=30, d_mlp=8, tied=True),
+        "residual": lambda: ResidualMLP(n_features=30, d_embed=80, d_mlp=8),
+    }[network_name]()
+    x = task.draw(300, step=2)
+    bagged = _counting(monkeypatch, "hidden_cross")
+    loss = evaluation.mean_loss(model, task, x)
+    grads = torch.autograd.grad(loss.sum(), list(model.parameters()))
+    assert len(bagged) == 1  # the C bags ran
+    model64, task64 = model.double(), task.double()
+    x64 = SparseInput(x.row, x.feature, x.value.double(), x.batch_size, x.n_features)
+    loss64 = evaluation.mean_loss(model64, task64, x64)
+    grads64 = torch.autograd.grad(loss64.sum(), list(model64.parameters()))
+    assert torch.allclose(loss.double(), loss64, rtol=1e-5, atol=1e-8)
+    for got, want in zip(grads, grads64, strict=True):
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
+
+
+def test_the_kernels_refuse_a_strided_array_instead_of_reading_it_as_dense():
+    with pytest.raises(ValueError, match="contiguous"):
+        native._ptr(torch.zeros(3, 4).t())
+    with pytest.raises(ValueError, match="contiguous"):
+        native._ptr(np.zeros((3, 4))[:, ::2])
+    assert native._ptr(torch.zeros(3, 4)) != 0
+
+
 def test_float32_batch_means_take_the_c_path_with_c_bags_below_merge_single_from(monkeypatch):
     prepared, bagged = _counting(monkeypatch, "prepare"), _counting(monkeypatch, "hidden_cross")
     task, model = _two_instances(), MLP(n_features=30, d_mlp=8, seeds=[0, 1])
