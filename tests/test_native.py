@@ -165,10 +165,12 @@ def test_the_loss_with_c_kernels_equals_the_numpy_and_torch_loss(
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "tied mlp", "residual"])
-def test_one_instance_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_name, monkeypatch):
+@pytest.mark.parametrize("learned_mixing", [False, True])
+def test_one_instance_with_c_kernels_equals_the_numpy_and_torch_loss(lib, network_name, learned_mixing, monkeypatch):
     """K = 1, as every config trains, with the bags in C. A tied MLP's W = A^T is a strided view of
     A, which at K = 1 reshapes to a (n, m) table without a copy: the kernels must get it dense."""
-    task = Task([Instance(0.1)], 30)
+    mixing = {"sigma": 0.2, "learn_sigma": True, "mixing": Mixing("gaussian", symmetric=True)} if learned_mixing else {}
+    task = Task([Instance(0.1, **mixing)], 30)
     model = {
         "mlp": lambda: MLP(n_features=30, d_mlp=8),
         "tied mlp": lambda: MLP(n_features=30, d_mlp=8, tied=True),
@@ -177,12 +179,13 @@ def test_one_instance_with_c_kernels_equals_the_numpy_and_torch_loss(lib, networ
     x = task.draw(300, step=2)
     bagged = _counting(monkeypatch, "hidden_cross")
     loss = evaluation.mean_loss(model, task, x)
-    grads = torch.autograd.grad(loss.sum(), list(model.parameters()))
+    grads = torch.autograd.grad(loss.sum(), list(model.parameters()) + ([task.sigma] if learned_mixing else []))
     assert len(bagged) == 1  # the C bags ran
     model64, task64 = model.double(), task.double()
     x64 = SparseInput(x.row, x.feature, x.value.double(), x.batch_size, x.n_features)
     loss64 = evaluation.mean_loss(model64, task64, x64)
-    grads64 = torch.autograd.grad(loss64.sum(), list(model64.parameters()))
+    params64 = list(model64.parameters()) + ([task64.sigma] if learned_mixing else [])
+    grads64 = torch.autograd.grad(loss64.sum(), params64)
     assert torch.allclose(loss.double(), loss64, rtol=1e-5, atol=1e-8)
     for got, want in zip(grads, grads64, strict=True):
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
