@@ -406,7 +406,7 @@ def main() -> None:
     compile_draw, k16_grid = ["--data.compile", "true"], seeds_grid(16)
     bar, bar_every_step = [], []
     for _ in range(r):
-        # The three ratios with targets come from adjacent runs: reference, MLP, residual, core step.
+        # Adjacent runs for the ratios to the reference and residual / MLP: reference, MLP, residual, core step.
         ref.append(reference_steps_per_second(w, s))
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
         residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
