@@ -423,12 +423,11 @@ class _OneLayerLoss(torch.autograd.Function):
 def _native_forward(ctx, a, w, r, entries, batch_size):
     """The batch mean's forward (`_OneLayerLoss`, a, w, r detached) with its bags in one C call."""
     k, m, n = a.shape
-    # contiguous: a tied MLP's W = A^T reshapes to a strided view at K = 1
-    a_table, w_table = a.transpose(1, 2).contiguous().view(k * n, m), w.reshape(k * n, m).contiguous()
+    a_table, w_table = a.transpose(1, 2).reshape(k * n, m), w.reshape(k * n, m)  # `native` makes them dense
     t_table = rt_table = None
     if r is not None:
         r_t = r.transpose(1, 2)
-        t_table, rt_table = (r_t @ w).reshape(k * n, m), r_t.contiguous().view(k * n, n)  # T = R^T W, R^T
+        t_table, rt_table = (r_t @ w).reshape(k * n, m), r_t.reshape(k * n, n)  # T = R^T W, R^T
     h, q, u, labels = native.hidden_cross(
         entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
     )
@@ -455,7 +454,7 @@ def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
     entries = ctx.entries
     k, m, n = a.shape
     gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
-    scale = scale.float().contiguous()
+    scale = scale.float()
     grad_at, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
     grad_a = grad_at.view(k, n, m).transpose(1, 2) if ctx.needs_input_grad[0] else None
     grad_w = grad_r = None

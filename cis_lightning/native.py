@@ -133,6 +133,11 @@ def _ptr(a: Tensor | np.ndarray) -> int:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
+def _dense(a: Tensor | None) -> Tensor | None:
+    """a laid out as the kernels read it (a copy only if a is a strided view)."""
+    return None if a is None else a.contiguous()
+
+
 def active_entries(
     lib: ctypes.CDLL,
     key: np.ndarray,
@@ -202,9 +207,10 @@ def hidden_cross(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """h = ReLU(A x) and q = W^T u (each (K rows, m)), u = ReLU(x) + R x ((K rows, n) if keep_u, else
     None) and sum_b ||u_b||^2 - 2 h_b . q_b per instance (K,) float64, from the entries by row
-    (`fused._Entries`) and the stacked tables A^T, W, T = R^T W (K n, m) and R^T (K n, n), contiguous
-    float32; t_table and rt_table None for labels without R x."""
+    (`fused._Entries`) and the stacked tables A^T, W, T = R^T W (K n, m) and R^T (K n, n), float32
+    (made dense here if they are strided views); t_table and rt_table None for labels without R x."""
     rows = entries.n_rows // k
+    a_table, w_table, t_table, rt_table = (_dense(a) for a in (a_table, w_table, t_table, rt_table))
     h, q = (torch.empty(k * rows, m, dtype=torch.float32) for _ in range(2))
     u = torch.empty(k * rows, n, dtype=torch.float32) if keep_u and rt_table is not None else None
     labels = torch.empty(k, dtype=torch.float64)
@@ -226,7 +232,8 @@ def feature_grads(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(K n, m) each, over the entries c of every feature (r their rows): scale_k sum_c value_c
     [h_r > 0] (gh_r - q_r), scale_k sum_c ReLU(value_c) h_r and (with_t, else None) scale_k sum_c
-    value_c h_r; gh = h G, q and h (K, rows, m) contiguous float32, scale (K,) float32."""
+    value_c h_r; gh = h G, q and h (K, rows, m) float32, scale (K,) float32 (made dense here if strided)."""
+    scale, gh, q, h = (_dense(a) for a in (scale, gh, q, h))
     grad_a, grad_w = (torch.empty(k * n, m, dtype=torch.float32) for _ in range(2))
     grad_t = torch.empty(k * n, m, dtype=torch.float32) if with_t else None
     lib.cis_feature_grads(
