@@ -155,3 +155,16 @@ def test_the_default_progress_bar_redraws_every_few_steps_and_a_configured_one_k
     (bar,) = _progress_bars(run(["fit", *args, *own]))
     assert bar.refresh_rate == 3
     assert _progress_bars(run(["fit", *tiny(steps=2)])) == []  # enable_progress_bar false: none
+
+
+def test_the_default_profiler_opens_no_ranges_and_a_configured_one_profiles(tiny):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from cis_lightning.main import NoProfiler
+
+    profiler = run(["fit", *tiny(steps=2)]).trainer.profiler
+    assert isinstance(profiler, NoProfiler)
+    assert profiler.profile("a") is profiler.profile("b")  # one shared no-op context, nothing recorded
+    profiler = run(["fit", *tiny(steps=2), "--trainer.profiler", "simple"]).trainer.profiler
+    assert isinstance(profiler, SimpleProfiler)
+    assert len(profiler.recorded_durations["run_training_batch"]) == 2  # one range per training step
