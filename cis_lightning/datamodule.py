@@ -175,7 +175,7 @@ class CCDataModule(pl.LightningDataModule):
         n_batches = -(-n_samples // self.eval_batch_size)
         return _Steps(Stream.TEST, lambda: 0, n_batches, split=self._rank_and_world)
 
-    def transfer_batch_to_device(self, batch: tuple, device, dataloader_idx: int) -> tuple:
+    def transfer_batch_to_device(self, batch: tuple, device: Any, dataloader_idx: int) -> tuple:
         # A batch is a few ints until on_after_batch_transfer draws it on the device: nothing to move
         # (Lightning's default walks it for tensors, about 8 us a step, ad hoc).
         return batch

@@ -61,7 +61,7 @@ class NoProfiler(PassThroughProfiler):
 
     Lightning opens a profiler range around every hook it calls, about 60 a training step, and
     PassThroughProfiler's range is a generator-based context manager: about 2 us each on the 2-core
-    test machine, some 80 us of a 1.8 ms step (README, Performance). This one hands out one shared
+    test machine, 2% to 4% of a training step (README, Performance). This one hands out one shared
     no-op context. `cis` uses it unless the config names a profiler (`--trainer.profiler simple`).
     """
 
