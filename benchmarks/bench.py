@@ -50,7 +50,7 @@ import yaml
 from cis_lightning import fused, native
 from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
-from cis_lightning.main import PROGRESS_BAR_REFRESH, run
+from cis_lightning.main import PROGRESS_BAR_REFRESH, NoProfiler, run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
 from cis_lightning.optim import AdamW
@@ -235,13 +235,15 @@ class _Counter(torch.utils.data.IterableDataset):
         return iter(range(10**9))
 
 
-def bare_lightning_ms(warmup: int, steps: int) -> tuple[float, float]:
+def bare_lightning_ms(warmup: int, steps: int, profiler: pl.profilers.Profiler | None = None) -> tuple[float, float]:
     """(ms per step of Lightning's loop around `_BareModule`, ms per step of the same step in plain torch):
-    the floor that Lightning's automatic optimization puts under every step, whatever the model."""
+    the floor that Lightning's automatic optimization puts under every step, whatever the model
+    (with Lightning's default profiler, or `profiler`)."""
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             max_steps=warmup + steps,
+            profiler=profiler,
             logger=pl.loggers.TensorBoardLogger(tmp),
             callbacks=[timer],
             enable_checkpointing=False,
@@ -401,6 +403,7 @@ def main() -> None:
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
+    bare_quiet = []
     k16_unmerged, core_merged, k16_compiled_draw = [], [], []
     mlp_numpy, core_numpy, k16_numpy = [], [], []
     compile_draw, k16_grid = ["--data.compile", "true"], seeds_grid(16)
@@ -430,6 +433,7 @@ def main() -> None:
         # The draw compiled during the warm-up (a few seconds), so not timed.
         k16_compiled_draw.append(cis_steps_per_second("configs/mlp_clean.yaml", w, k16_steps, k16_grid + compile_draw))
         bare.append(bare_lightning_ms(w, 4 * s))
+        bare_quiet.append(bare_lightning_ms(w, 4 * s, NoProfiler()))
         # Lightning's bars draw on stdout: into /dev/null here, a real file (a StringIO cost nothing).
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             bar_on = ["--trainer.enable_progress_bar", "true"]
@@ -451,6 +455,7 @@ def main() -> None:
         statistics.median(v) for v in (k16, k16_numpy, k16_unmerged, k16_compiled_draw)
     )
     bare_loop, bare_plain = (statistics.median(v) for v in zip(*bare, strict=True))
+    quiet_loop, quiet_plain = (statistics.median(v) for v in zip(*bare_quiet, strict=True))
     bar, bar_every_step = statistics.median(bar), statistics.median(bar_every_step)
     k1 = mlp
     k16_default_allocator = k16_untuned(w, k16_steps)
@@ -501,6 +506,11 @@ def main() -> None:
         ("    merged / unmerged, median of the repeats' ratios", f"{merged_gain_k1:.2f}x", ""),
         ("  Lightning's loop per step (cis fit - core, at batch 8), ms", f"{1e3 / mlp8 - 1e3 / core8:.2f}", ""),
         ("  Lightning's own loop per step (1-parameter module - plain loop), ms", f"{bare_loop - bare_plain:.2f}", ""),
+        (
+            "    with cis's NoProfiler instead of Lightning's default profiler, ms",
+            f"{quiet_loop - quiet_plain:.2f}",
+            "",
+        ),
         (f"  with cis's progress bar (redrawn every {PROGRESS_BAR_REFRESH} steps), steps/s", f"{bar:.1f}", ""),
         ("  with a progress bar redrawn every step (Lightning's default), steps/s", f"{bar_every_step:.1f}", ""),
         ("cis fit MLP --model.compile true, steps/s", f"{compiled:.1f}", ""),
