@@ -82,7 +82,7 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
         # C's single thread ran them no faster at K = 16.
         lib = native.library() if mean and a.dtype == torch.float32 else None
         if lib is not None:
-            entries = _Entries.from_native(lib, x, k, merge=True, bags_in_c=not merge)
+            entries = _Entries.from_native(lib, x, k, bags_in_c=not merge)
         else:
             x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
             entries = _Entries.on_host(x, k, a.dtype)
@@ -260,14 +260,12 @@ class _Entries:
         return entries
 
     @classmethod
-    def from_native(
-        cls, lib: ctypes.CDLL, x: SparseInput, k: int, merge: bool = False, bags_in_c: bool = True
-    ) -> _Entries:
-        """`on_host` of `drop_empty_rows(x, sources=False, merge_single=merge)`, the same arrays, from
+    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int, bags_in_c: bool = True) -> _Entries:
+        """`on_host` of `drop_empty_rows(x, sources=False, merge_single=True)`, the same arrays, from
         one C call (float32); with `bags_in_c` the loss runs its bags in C too."""
         n = x.n_features
         rows, feature, row, value, relu_value, row_start, u_sq, *by_feature, feature_start = native.prepare(
-            lib, x.row, x.feature, x.value, x.batch_size, n, merge
+            lib, x.row, x.feature, x.value, x.batch_size, n
         )
         c = feature.shape[0] // k  # entries per instance
         entries = cls(
@@ -454,7 +452,6 @@ def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
     entries = ctx.entries
     k, m, n = a.shape
     gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
-    scale = scale.float()
     grad_at, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
     grad_a = grad_at.view(k, n, m).transpose(1, 2) if ctx.needs_input_grad[0] else None
     grad_w = grad_r = None

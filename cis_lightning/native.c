@@ -3,8 +3,9 @@
  *
  * Each function is the same computation as a numpy or torch form in the package, and tested against
  * it (tests/test_native.py): cis_active_entries is task._active_entries (the same bits),
- * cis_prepare is fused.drop_empty_rows + _Entries.on_host (the same arrays), cis_hidden_cross and
- * cis_feature_grads are the embedding bags of fused._OneLayerLoss (the same sums, in another order).
+ * cis_prepare is fused.drop_empty_rows(merge_single=True) + _Entries.on_host (the same arrays),
+ * cis_hidden_cross and cis_feature_grads are the embedding bags of fused._OneLayerLoss (the same
+ * sums, in another order).
  * Shapes: K instances, C entries per instance, B samples, n features, m neurons; "stacked" arrays
  * hold the K instances one after another. Single-threaded: the bags run here only below
  * fused.MERGE_SINGLE_FROM samples (K = 1), where a call costs microseconds; a sweep's bookkeeping
@@ -55,41 +56,37 @@ void cis_active_entries(int64_t K, const int64_t *key, const double *log1m_p, co
     }
 }
 
-/* fused.drop_empty_rows(x, sources=False, merge_single) then _Entries.on_host: the entries of the
- * non-empty samples of K instances, grouped by row and by feature. In: row, feature (K, C) sorted
- * by row per instance (padding row B last), value (K, C). With `merge`, the single-feature samples
- * of each (instance, feature, sign) become one of value sign sqrt(sum v^2) (the others 0, their rows
+/* fused.drop_empty_rows(x, sources=False, merge_single=True) then _Entries.on_host: the entries of
+ * the non-empty samples of K instances, grouped by row and by feature. In: row, feature (K, C)
+ * sorted by row per instance (padding row B last), value (K, C). The single-feature samples of each
+ * (instance, feature, sign) become one of value sign sqrt(sum v^2) (the others 0, their rows
  * dropped), and only the first W = min(C, the most real entries of any instance rounded up to 64,
- * at least 64) columns are kept; otherwise W = C. Returns R, the rows kept per instance (the most
+ * at least 64) columns are kept. Returns R, the rows kept per instance (the most
  * kept samples of any instance rounded up to 64, at most B), and sets *width = W; the stacked
  * outputs then use K (R + 1) rows (row R of each instance: padding), K n features, K W entries:
  *   feature_out, row_out, value_out, relu_out (K W): the entries in their order, stacked ids;
  *   row_start (K (R + 1)), u_sq (K (R + 1)): each row's first entry, and ||ReLU(x_b)||^2;
  *   row_by_feature, value_by_feature, relu_by_feature (K W): the entries stably sorted by feature;
  *   feature_start (K n); counts (K n, scratch). Returns -1 if scratch memory runs out. */
-int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, int64_t merge, const int64_t *row,
-                    const int64_t *feature, const float *value, int64_t *width, int64_t *feature_out,
+int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *row, const int64_t *feature, const float *value, int64_t *width, int64_t *feature_out,
                     int64_t *row_out, float *value_out, float *relu_out, int64_t *row_start, float *u_sq,
                     int64_t *row_by_feature, float *value_by_feature, float *relu_by_feature,
                     int64_t *feature_start, int64_t *counts) {
-    int64_t W = C;
-    if (merge) {
-        int64_t most_real = 0;
-        for (int64_t k = 0; k < K; k++) {
-            int64_t c = 0;
-            while (c < C && row[k * C + c] < B) c++;
-            if (c > most_real) most_real = c;
-        }
-        int64_t trimmed = (most_real + 63) / 64 * 64;
-        if (trimmed < 64) trimmed = 64;
-        if (trimmed < W) W = trimmed;
+    int64_t most_real = 0;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t c = 0;
+        while (c < C && row[k * C + c] < B) c++;
+        if (c > most_real) most_real = c;
     }
+    int64_t W = (most_real + 63) / 64 * 64;
+    if (W < 64) W = 64;
+    if (W > C) W = C;
     *width = W;
     /* Kept rows start at an entry whose row differs from the previous entry's; merged-away ones do not. */
     unsigned char *starts_row = malloc((size_t)(K * W) + 1);
-    double *square_sum = merge ? calloc((size_t)(K * 2 * n) + 1, sizeof(double)) : NULL;
-    int64_t *keeper = merge ? malloc(((size_t)(K * 2 * n) + 1) * sizeof(int64_t)) : NULL;
-    if (starts_row == NULL || (merge && (square_sum == NULL || keeper == NULL))) {
+    double *square_sum = calloc((size_t)(K * 2 * n) + 1, sizeof(double));
+    int64_t *keeper = malloc(((size_t)(K * 2 * n) + 1) * sizeof(int64_t));
+    if (starts_row == NULL || square_sum == NULL || keeper == NULL) {
         free(starts_row);
         free(square_sum);
         free(keeper);
@@ -102,25 +99,24 @@ int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, int64_t merge, c
             value_out[k * W + c] = value[k * C + c];
         }
     }
-    if (merge) { /* the single-feature samples: sums of squares per cell, in entry order; the last one keeps */
-        for (int64_t pass = 0; pass < 2; pass++) {
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t *r = row + k * C, *f = feature + k * C;
-                for (int64_t c = 0; c < W; c++) {
-                    int64_t i = k * W + c;
-                    int alone = starts_row[i] && (c == W - 1 || r[c + 1] != r[c]);
-                    if (!alone) continue;
-                    float v = value_out[i];
-                    int64_t cell = k * 2 * n + 2 * f[c] + (v < 0.0f);
-                    if (pass == 0) {
-                        square_sum[cell] += (double)v * (double)v;
-                        keeper[cell] = i;
-                    } else if (keeper[cell] == i) {
-                        value_out[i] = (float)copysign(sqrt(square_sum[cell]), (double)v);
-                    } else {
-                        value_out[i] = 0.0f;
-                        starts_row[i] = 0; /* merged away: it stays, value 0, in the row before it */
-                    }
+    /* The single-feature samples: sums of squares per cell, in entry order; the last one keeps. */
+    for (int64_t pass = 0; pass < 2; pass++) {
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t *r = row + k * C, *f = feature + k * C;
+            for (int64_t c = 0; c < W; c++) {
+                int64_t i = k * W + c;
+                int alone = starts_row[i] && (c == W - 1 || r[c + 1] != r[c]);
+                if (!alone) continue;
+                float v = value_out[i];
+                int64_t cell = k * 2 * n + 2 * f[c] + (v < 0.0f);
+                if (pass == 0) {
+                    square_sum[cell] += (double)v * (double)v;
+                    keeper[cell] = i;
+                } else if (keeper[cell] == i) {
+                    value_out[i] = (float)copysign(sqrt(square_sum[cell]), (double)v);
+                } else {
+                    value_out[i] = 0.0f;
+                    starts_row[i] = 0; /* merged away: it stays, value 0, in the row before it */
                 }
             }
         }

@@ -39,7 +39,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "cis_active_entries": ([_I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
-    "cis_prepare": ([_I64] * 5 + [_PTR] * 15, _I64),
+    "cis_prepare": ([_I64] * 4 + [_PTR] * 15, _I64),
     "cis_hidden_cross": ([_I64] * 5 + [_PTR] * 12, None),
     "cis_feature_grads": ([_I64] * 4 + [_PTR] * 11, None),
 }
@@ -160,13 +160,11 @@ def active_entries(
     return row, feature, value
 
 
-def prepare(
-    lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch_size: int, n: int, merge: bool = False
-) -> tuple:
-    """`fused.drop_empty_rows(sources=False, merge_single=merge)` then `_Entries.on_host` (row,
+def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch_size: int, n: int) -> tuple:
+    """`fused.drop_empty_rows(sources=False, merge_single=True)` then `_Entries.on_host` (row,
     feature int64 and value float32, each (K, C)): (R, feature, row, value, relu_value, row_start,
     u_sq, row_by_feature, value_by_feature, relu_value_by_feature, feature_start), the arrays flat and
-    stacked (K W entries: W = C, or fewer columns when merging)."""
+    stacked (K W entries: W <= C columns, the padding past the fullest instance dropped)."""
     k, c = row.shape
     row, feature = row.contiguous().long(), feature.contiguous().long()
     value = value.contiguous().float()
@@ -181,7 +179,6 @@ def prepare(
         c,
         batch_size,
         n,
-        int(merge),
         *(_ptr(a) for a in (row, feature, value)),
         ctypes.addressof(width),
         *(_ptr(a) for a in (*flat, row_start, u_sq, *by_feature, feature_start, counts)),

@@ -71,19 +71,19 @@ def test_the_c_draw_is_the_numpy_draw_bit_for_bit(lib, rank, world_size, p):
         assert torch.equal(getattr(c_batch, name), getattr(numpy_batch, name)), name
 
 
-def _numpy_entries(x: SparseInput, k: int, merge: bool) -> fused._Entries:
-    compact, _ = fused.drop_empty_rows(x, sources=False, merge_single=merge)
+def _numpy_entries(x: SparseInput, k: int) -> fused._Entries:
+    """What the C bookkeeping builds, in numpy: single-feature samples merged (C always merges)."""
+    compact, _ = fused.drop_empty_rows(x, sources=False, merge_single=True)
     return fused._Entries.on_host(compact, k, torch.float32)
 
 
-@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("rank, world_size, p", [(0, 1, (0.1, 0.05)), (1, 3, (0.1, 0.0)), (0, 1, (0.0, 0.0))])
-def test_c_bookkeeping_builds_the_numpy_entries_array_for_array(lib, rank, world_size, p, merge):
-    """Empty samples dropped, rows rounded up to 64, single-feature samples merged (or not), grouped
+def test_c_bookkeeping_builds_the_numpy_entries_array_for_array(lib, rank, world_size, p):
+    """Empty samples dropped, rows rounded up to 64, single-feature samples merged, grouped
     by row and by feature: the same arrays, with a frozen instance, a rank's padding entries, and a
     batch with no entries at all."""
     x = _two_instances().draw(300, step=4, rank=rank, world_size=world_size, feature_probability=list(p))
-    want, got = _numpy_entries(x, 2, merge), fused._Entries.from_native(lib, x, 2, merge=merge)
+    want, got = _numpy_entries(x, 2), fused._Entries.from_native(lib, x, 2)
     assert (got.n_rows, got.n_features, got.n_instances) == (want.n_rows, want.n_features, want.n_instances)
     for name in ENTRY_FIELDS:
         a, b = getattr(want, name), getattr(got, name)
@@ -94,6 +94,7 @@ def test_c_bookkeeping_of_a_hand_made_batch():
     x = hand_made_batch()  # B = 3, n = 3: samples 0 and 2 non-empty, one padding entry
     entries = fused._Entries.from_native(native.library(), x, 1)
     # Two non-empty samples: R = min(B, 2 rounded up to 64) = 3 rows (the last a filler) and the padding row.
+    # Sample 2, the only single-feature sample of its (feature, sign), merges into itself: 0.25 stays.
     assert entries.n_rows == 4 and entries.row.tolist() == [0, 0, 1, 3]
     assert entries.row_start.tolist() == [0, 2, 3, 3]
     assert entries.feature_start.tolist() == [0, 2, 2]  # feature 0: entries 0 and 3; feature 2: 1 and 2
@@ -112,7 +113,7 @@ def test_c_merging_drops_the_padding_columns_past_the_fullest_instance_rounded_u
     value = torch.zeros(2, 200)
     value[0, :3] = torch.tensor([0.6, 0.8, -0.5])
     x = SparseInput(row=row, feature=feature, value=value, batch_size=4, n_features=3)
-    want, got = _numpy_entries(x, 2, merge=True), fused._Entries.from_native(lib, x, 2, merge=True)
+    want, got = _numpy_entries(x, 2), fused._Entries.from_native(lib, x, 2)
     assert got.feature.shape == (2 * 64,)
     for name in ENTRY_FIELDS:
         assert torch.equal(getattr(want, name), getattr(got, name)), name

@@ -209,7 +209,7 @@ def test_a_batch_mean_merges_single_feature_samples_from_merge_single_from_sampl
     task = Task([Instance(0.05, seed=i) for i in range(n_instances)], 30)
     batch_size = fused_module.MERGE_SINGLE_FROM // 2  # K B reaches the threshold at K = 2
     x = task.draw(batch_size, step=0)
-    with native.turned_off():  # the numpy path's choice (the C kernels take the unmerged mean themselves)
+    with native.turned_off():  # the numpy path's choice (the C kernels group a float32 mean themselves, always merged)
         evaluation.mean_loss(model, task, x)
     per_sample_loss(model, task, x)
     assert calls == [{"sources": False, "merge_single": n_instances == 2}, {"sources": True, "merge_single": False}]
