@@ -26,25 +26,27 @@ static inline double uniform_at(uint64_t key, int64_t counter) {
     return ((double)(mix64(key + (uint64_t)counter) >> 11) + 0.5) * 0x1p-53;
 }
 
-/* task._active_entries on host arrays: row, feature (int64) and value (float) of (K, count). The
- * gaps between active entries of the flattened (B n) batch are geometric, floor(log u / log(1 - p));
- * entries of other ranks and past the batch become padding (row `local`, feature 0, value 0) at the
- * end, where the stable sort by row of the numpy form puts them. */
-void cis_active_entries(int64_t K, const int64_t *key, const double *log1m_p, const int64_t *counters, int64_t count,
-                        int64_t total, int64_t n, int64_t local, int64_t rank, int64_t *row, int64_t *feature,
-                        float *value) {
+/* task._active_entries on host arrays: row, feature (int64) and value (float) of (K, count), with
+ * instance k's key rng.step_key(base, step) = mix64(base[k] ^ step_hash) (step_hash: the step's
+ * rng._mix64_int). The gaps between active entries of the flattened (B n) batch are geometric,
+ * floor(log u / log(1 - p)); entries of other ranks and past the batch become padding (row `local`,
+ * feature 0, value 0) at the end, where the stable sort by row of the numpy form puts them. */
+void cis_active_entries(int64_t K, const int64_t *base, int64_t step_hash, const double *log1m_p,
+                        const int64_t *counters, int64_t count, int64_t total, int64_t n, int64_t local, int64_t rank,
+                        int64_t *row, int64_t *feature, float *value) {
     for (int64_t k = 0; k < K; k++) {
+        uint64_t key = mix64((uint64_t)base[k] ^ (uint64_t)step_hash);
         int64_t position = -1, kept = 0;
         int64_t *row_k = row + k * count, *feature_k = feature + k * count;
         float *value_k = value + k * count;
         for (int64_t c = 0; c < count; c++) {
-            double gap = floor(log(uniform_at((uint64_t)key[k], counters[c])) / log1m_p[k]);
+            double gap = floor(log(uniform_at(key, counters[c])) / log1m_p[k]);
             position += (int64_t)(gap < (double)total ? gap : (double)total) + 1;
             int64_t r = position / n - rank * local;
             if (r >= 0 && r < local) {
                 row_k[kept] = r;
                 feature_k[kept] = position % n;
-                value_k[kept] = (float)(2.0 * uniform_at((uint64_t)key[k], counters[count + c]) - 1.0);
+                value_k[kept] = (float)(2.0 * uniform_at(key, counters[count + c]) - 1.0);
                 kept++;
             }
         }

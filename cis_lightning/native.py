@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cis_lightning import rng
+
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "cis_active_entries": ([_I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
+    "cis_active_entries": ([_I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
     "cis_prepare": ([_I64] * 4 + [_PTR] * 15, _I64),
     "cis_hidden_cross": ([_I64] * 5 + [_PTR] * 12, None),
     "cis_feature_grads": ([_I64] * 4 + [_PTR] * 11, None),
@@ -140,7 +142,8 @@ def _dense(a: Tensor | None) -> Tensor | None:
 
 def active_entries(
     lib: ctypes.CDLL,
-    key: np.ndarray,
+    base: np.ndarray,
+    step: int,
     log1m_p: np.ndarray,
     counters: np.ndarray,
     total: int,
@@ -149,13 +152,25 @@ def active_entries(
     local: int,
     rank: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`task._active_entries` on host arrays (key (K, 1) int64, log1m_p (K,) float64): the same bits."""
-    k = key.shape[0]
-    key, log1m_p = np.ascontiguousarray(key, dtype=np.int64), np.ascontiguousarray(log1m_p, dtype=np.float64)
+    """`task._active_entries` on host arrays with the key of `step` (`rng.step_key(base, step)`, made
+    in C): base (K,) int64 and log1m_p (K,) float64, dense. The same bits."""
+    k = base.shape[0]
     row, feature = torch.empty(k, count, dtype=torch.int64), torch.empty(k, count, dtype=torch.int64)
     value = torch.empty(k, count, dtype=torch.float32)
     lib.cis_active_entries(
-        k, _ptr(key), _ptr(log1m_p), _ptr(counters), count, total, n, local, rank, _ptr(row), _ptr(feature), _ptr(value)
+        k,
+        _ptr(base),
+        rng.step_hash(step),
+        _ptr(log1m_p),
+        _ptr(counters),
+        count,
+        total,
+        n,
+        local,
+        rank,
+        row.data_ptr(),
+        feature.data_ptr(),
+        value.data_ptr(),
     )
     return row, feature, value
 

@@ -61,9 +61,14 @@ def stream_base(seeds: Array, stream: int) -> Array:
     return mix64(seeds * _GOLDEN + stream)
 
 
+def step_hash(step: int) -> int:
+    """The step's part of step_key, as an int64 (hashed on the host)."""
+    return _signed(_mix64_int(step))
+
+
 def step_key(base: Array, step: int) -> Array:
     """stream_key from stream_base: the step is hashed on the host, so this is one device pass."""
-    return mix64(base ^ _signed(_mix64_int(step)))
+    return mix64(base ^ step_hash(step))
 
 
 def stream_key(seeds: Tensor, stream: int, step: int) -> Tensor:

@@ -235,9 +235,8 @@ class Task(nn.Module):
         )
         local = batch_size // world_size
         device = self.mixing.device
-        key = self._key(int(stream), step)[:, None]  # (K, 1)
         if self.exactly_one_active:
-            return self._one_active(key, rank * local, local)
+            return self._one_active(self._key(int(stream), step)[:, None], rank * local, local)
         # The path is chosen from host-side floats, never from device values (no sync).
         ps = (
             [i.feature_probability for i in self.instances]
@@ -246,8 +245,8 @@ class Task(nn.Module):
         )
         p = self.feature_probability if feature_probability is None else self._probability(tuple(ps), device)
         if max(ps) <= _DENSE_ABOVE:
-            return self._sparse(key, p, batch_size, local, rank, max(ps), compiled)
-        return self._dense(key, p, local, rank, compiled)
+            return self._sparse(int(stream), step, p, batch_size, local, rank, max(ps), compiled)
+        return self._dense(self._key(int(stream), step)[:, None], p, local, rank, compiled)
 
     def _probability(self, ps: tuple[float, ...], device: torch.device) -> Tensor:
         """p (K,) on the device for override values; kept, so that a run's few overrides copy once."""
@@ -256,17 +255,21 @@ class Task(nn.Module):
         return self._probabilities[ps, device]
 
     def _key(self, stream: int, step: int) -> Tensor:
-        """rng.stream_key(seeds, stream, step); the per-stream part is kept until the seeds change.
+        """rng.stream_key(seeds, stream, step) (K,).
 
         On a CPU the hash runs in numpy (a dozen operations on K numbers: microseconds, not tens)."""
+        key = rng.step_key(self._stream_base(stream), step)
+        return torch.from_numpy(key) if isinstance(key, np.ndarray) else key
+
+    def _stream_base(self, stream: int) -> Tensor | np.ndarray:
+        """rng.stream_base(seeds, stream) (K,), a numpy array on a CPU; kept until the seeds change."""
         seeds = self.seeds
         cached = self._stream_bases.get(stream)
         if cached is None or cached[0] is not seeds or cached[1] != seeds._version:
             base = rng.stream_base(seeds, stream)
             cached = (seeds, seeds._version, base.numpy() if base.device.type == "cpu" else base)
             self._stream_bases[stream] = cached
-        key = rng.step_key(cached[2], step)
-        return torch.from_numpy(key) if isinstance(key, np.ndarray) else key
+        return cached[2]
 
     def _log1m(self, p: Tensor) -> Tensor:
         """log(1 - p) in float64 (K,), kept per p tensor (the buffer, or a kept override)."""
@@ -323,7 +326,15 @@ class Task(nn.Module):
         return (_compiled_dense_input if compiled else _dense_input)(key[:, :, None], p, entries)
 
     def _sparse(
-        self, key: Tensor, p: Tensor, batch_size: int, local: int, rank: int, p_max: float, compiled: bool = False
+        self,
+        stream: int,
+        step: int,
+        p: Tensor,
+        batch_size: int,
+        local: int,
+        rank: int,
+        p_max: float,
+        compiled: bool = False,
     ) -> SparseInput:
         """Draw only the active entries (`_active_entries`); a small CPU draw in C (`native`) or numpy,
         others in torch, compiled or not: the same bits every way."""
@@ -337,15 +348,17 @@ class Task(nn.Module):
         # Compiled, the ~35 operations on (K, 2 count) numbers become a few fused passes (but numpy's
         # small draws stay faster: 0.18 ms against 0.23 at K = 1).
         sizes = (batch_size * n, count, n, local, rank)
-        if key.device.type == "cpu" and key.shape[0] * 2 * count <= _HOST_DRAW_MAX:
+        if p.device.type == "cpu" and self.n_instances * 2 * count <= _HOST_DRAW_MAX:
             uniforms, lib = rng.range_counters(2 * count, "numpy"), native.library()
-            if lib is not None:  # the same bits from one C call
-                entries = native.active_entries(lib, key.numpy(), log1m_p.numpy(), uniforms, *sizes)
+            if lib is not None:  # the same bits from one C call, which hashes the step's key too
+                entries = native.active_entries(lib, self._stream_base(stream), step, log1m_p.numpy(), uniforms, *sizes)
                 return SparseInput(*entries, batch_size=local, n_features=n)
+            key = self._key(stream, step)[:, None].numpy()
             with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
-                entries = _active_entries(key.numpy(), log1m_p.numpy(), uniforms, *sizes)
+                entries = _active_entries(key, log1m_p.numpy(), uniforms, *sizes)
             row, feature, value = (torch.from_numpy(a) for a in entries)
         else:
+            key = self._key(stream, step)[:, None]
             draw = _compiled_active_entries if compiled else _active_entries
             row, feature, value = draw(key, log1m_p, rng.range_counters(2 * count, key.device), *sizes)
         return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
