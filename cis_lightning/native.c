@@ -69,11 +69,13 @@ void cis_active_entries(int64_t K, const int64_t *base, int64_t step_hash, const
  *   feature_out, row_out, value_out, relu_out (K W): the entries in their order, stacked ids;
  *   row_start (K (R + 1)), u_sq (K (R + 1)): each row's first entry, and ||ReLU(x_b)||^2;
  *   row_by_feature, value_by_feature, relu_by_feature (K W): the entries stably sorted by feature;
- *   feature_start (K n); counts (K n, scratch). Returns -1 if scratch memory runs out. */
-int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *row, const int64_t *feature, const float *value, int64_t *width, int64_t *feature_out,
-                    int64_t *row_out, float *value_out, float *relu_out, int64_t *row_start, float *u_sq,
-                    int64_t *row_by_feature, float *value_by_feature, float *relu_by_feature,
-                    int64_t *feature_start, int64_t *counts) {
+ *   feature_start (K n); counts (K n, scratch).
+ * They lie one after another, in that order, in two arenas (so that the caller allocates two arrays,
+ * not eleven): ints (3 K C + 2 K n + K (B + 1)) holds feature_out, row_out, row_by_feature,
+ * feature_start, counts and row_start; floats (4 K C + K (B + 1)) holds value_out, relu_out,
+ * value_by_feature, relu_by_feature and u_sq. Returns -1 if scratch memory runs out. */
+int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *row, const int64_t *feature,
+                    const float *value, int64_t *width, int64_t *ints, float *floats) {
     int64_t most_real = 0;
     for (int64_t k = 0; k < K; k++) {
         int64_t c = 0;
@@ -84,6 +86,10 @@ int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *r
     if (W < 64) W = 64;
     if (W > C) W = C;
     *width = W;
+    int64_t *feature_out = ints, *row_out = ints + K * W, *row_by_feature = ints + 2 * K * W;
+    int64_t *feature_start = ints + 3 * K * W, *counts = feature_start + K * n, *row_start = counts + K * n;
+    float *value_out = floats, *relu_out = floats + K * W, *value_by_feature = floats + 2 * K * W;
+    float *relu_by_feature = floats + 3 * K * W, *u_sq = floats + 4 * K * W;
     /* Kept rows start at an entry whose row differs from the previous entry's; merged-away ones do not. */
     unsigned char *starts_row = malloc((size_t)(K * W) + 1);
     double *square_sum = calloc((size_t)(K * 2 * n) + 1, sizeof(double));

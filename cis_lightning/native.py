@@ -41,7 +41,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "cis_active_entries": ([_I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR], None),
-    "cis_prepare": ([_I64] * 4 + [_PTR] * 15, _I64),
+    "cis_prepare": ([_I64] * 4 + [_PTR] * 6, _I64),
     "cis_hidden_cross": ([_I64] * 5 + [_PTR] * 12, None),
     "cis_feature_grads": ([_I64] * 4 + [_PTR] * 11, None),
 }
@@ -183,26 +183,44 @@ def prepare(lib: ctypes.CDLL, row: Tensor, feature: Tensor, value: Tensor, batch
     k, c = row.shape
     row, feature = row.contiguous().long(), feature.contiguous().long()
     value = value.contiguous().float()
-    flat = [torch.empty(k * c, dtype=dtype) for dtype in (torch.int64, torch.int64, torch.float32, torch.float32)]
-    by_feature = [torch.empty(k * c, dtype=dtype) for dtype in (torch.int64, torch.float32, torch.float32)]
-    row_start = torch.empty(k * (batch_size + 1), dtype=torch.int64)
-    u_sq = torch.empty(k * (batch_size + 1), dtype=torch.float32)
-    feature_start, counts = torch.empty(k * n, dtype=torch.int64), torch.empty(k * n, dtype=torch.int64)
+    ints = torch.empty(3 * k * c + 2 * k * n + k * (batch_size + 1), dtype=torch.int64)
+    floats = torch.empty(4 * k * c + k * (batch_size + 1), dtype=torch.float32)
     width = ctypes.c_int64()
     r = lib.cis_prepare(
         k,
         c,
         batch_size,
         n,
-        *(_ptr(a) for a in (row, feature, value)),
+        _ptr(row),
+        _ptr(feature),
+        _ptr(value),
         ctypes.addressof(width),
-        *(_ptr(a) for a in (*flat, row_start, u_sq, *by_feature, feature_start, counts)),
+        ints.data_ptr(),
+        floats.data_ptr(),
     )
     if r < 0:
         raise MemoryError("cis_prepare: no memory for its scratch arrays")
-    entries = k * width.value
-    flat, by_feature = [a[:entries] for a in flat], [a[:entries] for a in by_feature]
-    return (r, *flat, row_start[: k * (r + 1)], u_sq[: k * (r + 1)], *by_feature, feature_start)
+    # The arrays lie one after another in the two arenas (`cis_prepare`): one split each.
+    e, kn, rows = k * width.value, k * n, k * (r + 1)
+    feature, row, row_by_feature, feature_start, _, row_start, _ = ints.split(
+        [e, e, e, kn, kn, rows, ints.shape[0] - 3 * e - 2 * kn - rows]
+    )
+    value, relu_value, value_by_feature, relu_by_feature, u_sq, _ = floats.split(
+        [e, e, e, e, rows, floats.shape[0] - 4 * e - rows]
+    )
+    return (
+        r,
+        feature,
+        row,
+        value,
+        relu_value,
+        row_start,
+        u_sq,
+        row_by_feature,
+        value_by_feature,
+        relu_by_feature,
+        feature_start,
+    )
 
 
 def hidden_cross(
