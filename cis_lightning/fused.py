@@ -430,7 +430,7 @@ def _native_forward(ctx, a, w, r, entries, batch_size):
         entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
     )
     ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, None, batch_size, True
-    return _batch_mean(ctx, a, w, r, h.view(k, -1, m), q.view(k, -1, m), u, labels.to(a.dtype))
+    return _batch_mean(ctx, a, w, r, h.view(k, -1, m), q.view(k, -1, m), u, labels)
 
 
 def _batch_mean(ctx, a, w, r, h, q, u, labels):
@@ -452,8 +452,8 @@ def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
     entries = ctx.entries
     k, m, n = a.shape
     gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
-    grad_at, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
-    grad_a = grad_at.view(k, n, m).transpose(1, 2) if ctx.needs_input_grad[0] else None
+    grad_a, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
+    grad_a = grad_a if ctx.needs_input_grad[0] else None  # (K, m, n), laid out as A
     grad_w = grad_r = None
     if ctx.needs_input_grad[1]:  # 2 W dL/dG - sum_c s ReLU(v_c) h_r, dL/dG = sum_b (g_b / n) h_b h_b^T
         d_gram = gram_h * (scale / 2)[:, None, None]

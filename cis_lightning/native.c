@@ -27,8 +27,8 @@ static inline double uniform_at(uint64_t key, int64_t counter) {
 }
 
 /* task._active_entries on host arrays: row, feature (int64) and value (float) of (K, count), with
- * instance k's key rng.step_key(base, step) = mix64(base[k] ^ step_hash) (step_hash: the step's
- * rng._mix64_int). The gaps between active entries of the flattened (B n) batch are geometric,
+ * instance k's key rng.step_key(base, step) = mix64(base[k] ^ step_hash) (step_hash:
+ * rng.step_hash(step)). The gaps between active entries of the flattened (B n) batch are geometric,
  * floor(log u / log(1 - p)); entries of other ranks and past the batch become padding (row `local`,
  * feature 0, value 0) at the end, where the stable sort by row of the numpy form puts them. */
 void cis_active_entries(int64_t K, const int64_t *base, int64_t step_hash, const double *log1m_p,
@@ -191,7 +191,7 @@ int64_t cis_prepare(int64_t K, int64_t C, int64_t B, int64_t n, const int64_t *r
 void cis_hidden_cross(int64_t K, int64_t rows_per_instance, int64_t m, int64_t n, int64_t n_entries,
                       const int64_t *row_start, const int64_t *feature, const float *value, const float *relu,
                       const float *at, const float *w, const float *t, const float *rt, float *h, float *q, float *u,
-                      double *labels) {
+                      float *labels) {
     int64_t n_rows = K * rows_per_instance;
     float scratch[rt != NULL && u == NULL ? n : 1];
     for (int64_t k = 0; k < K; k++) {
@@ -249,25 +249,27 @@ void cis_hidden_cross(int64_t K, int64_t rows_per_instance, int64_t m, int64_t n
             }
             sum += (double)u_sq - 2.0 * (double)dot;
         }
-        labels[k] = sum;
+        labels[k] = (float)sum;
     }
 }
 
 /* The backward's bags by feature, with G h - q and the ReLU's mask: for every stacked feature f of
  * instance k, over the entries c of f (r their rows),
- *   grad_at[f] = scale_k sum_c value_c [h_r > 0] (gh_r - q_r),  grad_w[f] = scale_k sum_c relu_c h_r,
+ *   grad_a[k, :, f] = scale_k sum_c value_c [h_r > 0] (gh_r - q_r),  grad_w[f] = scale_k sum_c relu_c h_r,
  *   grad_t[f] = scale_k sum_c value_c h_r   (if grad_t is not NULL: labels with R x)
- * with gh = h G (torch's bmm). (K n, m) each. */
+ * with gh = h G (torch's bmm). grad_a (K, m, n) as A is laid out (so that autograd keeps it as it is),
+ * grad_w and grad_t (K n, m). */
 void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const int64_t *feature_start,
                        const int64_t *row_by_feature, const float *value_by_feature, const float *relu_by_feature,
-                       const float *scale, const float *gh, const float *q, const float *h, float *grad_at,
+                       const float *scale, const float *gh, const float *q, const float *h, float *grad_a,
                        float *grad_w, float *grad_t) {
     int64_t n_groups = K * n;
+    float ga[m];
     for (int64_t k = 0; k < K; k++) {
         float s = scale[k];
         for (int64_t f = k * n; f < (k + 1) * n; f++) {
             int64_t end = f + 1 < n_groups ? feature_start[f + 1] : n_entries;
-            float *restrict ga = grad_at + f * m, *restrict gw = grad_w + f * m;
+            float *restrict gw = grad_w + f * m;
             for (int64_t i = 0; i < m; i++) ga[i] = gw[i] = 0.0f;
             float *restrict gt = grad_t != NULL ? grad_t + f * m : NULL;
             if (gt != NULL)
@@ -283,8 +285,9 @@ void cis_feature_grads(int64_t K, int64_t n, int64_t m, int64_t n_entries, const
                 if (gt != NULL)
                     for (int64_t i = 0; i < m; i++) gt[i] += v * h_r[i];
             }
+            float *restrict ga_f = grad_a + k * m * n + (f - k * n);
             for (int64_t i = 0; i < m; i++) {
-                ga[i] *= s;
+                ga_f[i * n] = s * ga[i];
                 gw[i] *= s;
             }
             if (gt != NULL)

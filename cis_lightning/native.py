@@ -236,23 +236,23 @@ def hidden_cross(
     m: int,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """h = ReLU(A x) and q = W^T u (each (K rows, m)), u = ReLU(x) + R x ((K rows, n) if keep_u, else
-    None) and sum_b ||u_b||^2 - 2 h_b . q_b per instance (K,) float64, from the entries by row
-    (`fused._Entries`) and the stacked tables A^T, W, T = R^T W (K n, m) and R^T (K n, n), float32
-    (made dense here if they are strided views); t_table and rt_table None for labels without R x."""
+    None) and sum_b ||u_b||^2 - 2 h_b . q_b per instance (K,), from the entries by row (`fused._Entries`
+    of `prepare`, whose arrays are dense) and the stacked tables A^T, W, T = R^T W (K n, m) and R^T
+    (K n, n), float32 (made dense here if they are strided views); t_table and rt_table None for
+    labels without R x."""
     rows = entries.n_rows // k
     a_table, w_table, t_table, rt_table = (_dense(a) for a in (a_table, w_table, t_table, rt_table))
-    h, q = (torch.empty(k * rows, m, dtype=torch.float32) for _ in range(2))
+    h, q = torch.empty(2, k * rows, m, dtype=torch.float32).unbind(0)
     u = torch.empty(k * rows, n, dtype=torch.float32) if keep_u and rt_table is not None else None
-    labels = torch.empty(k, dtype=torch.float64)
+    labels = torch.empty(k, dtype=torch.float32)
     lib.cis_hidden_cross(
         k,
         rows,
         m,
         n,
         entries.feature.shape[0],
-        *(_ptr(a) for a in (entries.row_start, entries.feature, entries.value, entries.relu_value, a_table, w_table)),
-        *(None if a is None else _ptr(a) for a in (t_table, rt_table)),
-        *(None if a is None else _ptr(a) for a in (h, q, u, labels)),
+        *(a.data_ptr() for a in (entries.row_start, entries.feature, entries.value, entries.relu_value)),
+        *(None if a is None else a.data_ptr() for a in (a_table, w_table, t_table, rt_table, h, q, u, labels)),
     )
     return h, q, u, labels
 
@@ -260,19 +260,19 @@ def hidden_cross(
 def feature_grads(
     lib: ctypes.CDLL, entries, scale: Tensor, gh: Tensor, q: Tensor, h: Tensor, with_t: bool, k: int, n: int, m: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(K n, m) each, over the entries c of every feature (r their rows): scale_k sum_c value_c
-    [h_r > 0] (gh_r - q_r), scale_k sum_c ReLU(value_c) h_r and (with_t, else None) scale_k sum_c
-    value_c h_r; gh = h G, q and h (K, rows, m) float32, scale (K,) float32 (made dense here if strided)."""
+    """Over the entries c of every feature f (r their rows): scale_k sum_c value_c [h_r > 0] (gh_r -
+    q_r) as (K, m, n) (A's layout: column f), and as (K n, m) scale_k sum_c ReLU(value_c) h_r and (with_t,
+    else None) scale_k sum_c value_c h_r; gh = h G, q and h (K, rows, m) float32, scale (K,) float32
+    (made dense here if strided); the entries as for `hidden_cross`."""
     scale, gh, q, h = (_dense(a) for a in (scale, gh, q, h))
-    grad_a, grad_w = (torch.empty(k * n, m, dtype=torch.float32) for _ in range(2))
-    grad_t = torch.empty(k * n, m, dtype=torch.float32) if with_t else None
+    grads = torch.empty(3 if with_t else 2, k * n * m, dtype=torch.float32).unbind(0)
     lib.cis_feature_grads(
         k,
         n,
         m,
         entries.row_by_feature.shape[0],
-        *(_ptr(a) for a in (entries.feature_start, entries.row_by_feature, entries.value_by_feature)),
-        *(_ptr(a) for a in (entries.relu_value_by_feature, scale, gh, q, h, grad_a, grad_w)),
-        None if grad_t is None else _ptr(grad_t),
+        *(a.data_ptr() for a in (entries.feature_start, entries.row_by_feature, entries.value_by_feature)),
+        *(a.data_ptr() for a in (entries.relu_value_by_feature, scale, gh, q, h, *grads[:2])),
+        grads[2].data_ptr() if with_t else None,
     )
-    return grad_a, grad_w, grad_t
+    return grads[0].view(k, m, n), grads[1].view(k * n, m), grads[2].view(k * n, m) if with_t else None
