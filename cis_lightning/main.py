@@ -17,7 +17,7 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_info
@@ -67,6 +67,18 @@ class NoProfiler(PassThroughProfiler):
 
     def profile(self, action_name: str) -> contextlib.AbstractContextManager:
         return _NO_RANGE
+
+
+class SaveConfigOnce(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, which leaves the trainer's callbacks once it has saved the config.
+
+    It acts only in `setup`, yet Lightning calls each of its empty hooks, six a training step.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # A new list: the loop that is calling this hook goes on over the old one.
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self]
 
 
 class _Parser(LightningArgumentParser):
@@ -266,6 +278,7 @@ def run(args: list[str] | None = None) -> LightningCLI:
             CCDataModule,
             args=None if from_command_line else args,
             trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=SaveConfigOnce,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=False,
         )

@@ -212,6 +212,12 @@ class CCModule(pl.LightningModule):
             for p, old in zip(params, before, strict=True):  # every parameter has the instance axis first
                 p.copy_(torch.lerp(old, p, factor.view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning calls this every step, and its default validates the settings before it finds that
+        # there is nothing to clip (trainer.gradient_clip_val unset or 0): skip that unless asked to clip.
+        if gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         losses = self._training_loss(self.network, self.task, x)  # (K,)
         self._watch_finite(losses)

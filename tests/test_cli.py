@@ -168,3 +168,29 @@ def test_the_default_profiler_opens_no_ranges_and_a_configured_one_profiles(tiny
     profiler = run(["fit", *tiny(steps=2), "--trainer.profiler", "simple"]).trainer.profiler
     assert isinstance(profiler, SimpleProfiler)
     assert len(profiler.recorded_durations["run_training_batch"]) == 2  # one range per training step
+
+
+def test_the_config_is_saved_and_its_callback_then_leaves_the_training_steps(tiny):
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    cli = run(["fit", *tiny(steps=3)])
+    assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()  # only SaveConfigCallback writes it
+    assert not any(isinstance(c, SaveConfigCallback) for c in cli.trainer.callbacks)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_trainer_gradient_clipping_still_clips(tiny, algorithm):
+    """Adam's first step moves a weight by lr |g| / (|g| + eps): lr = 3e-3 for the gradients of this
+    batch (|g| >> eps = 1e-8), at most 1e-4 lr for gradients clipped to 1e-12. A clip far above the
+    gradients changes nothing."""
+
+    def weights_after_one_step(*clip: str) -> dict:
+        args = [*tiny(steps=1), "--trainer.limit_val_batches", "0", "--trainer.gradient_clip_algorithm", algorithm]
+        return run(["fit", *args, *clip]).trainer.lightning_module.network.state_dict()
+
+    free = weights_after_one_step()
+    loose = weights_after_one_step("--trainer.gradient_clip_val", "1e6")
+    tight = weights_after_one_step("--trainer.gradient_clip_val", "1e-12")
+    for name, weight in free.items():
+        assert torch.equal(loose[name], weight), name
+        assert torch.isclose((weight - tight[name]).abs().max(), torch.tensor(3e-3), rtol=1e-3), name
