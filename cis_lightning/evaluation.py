@@ -98,6 +98,10 @@ def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
 
 def _label_map(model: CCModel, task: Task) -> Tensor | None:
     """S - L (K, n, n): the labels' linear part sigma M (+ I if residual) minus the model's skip path L."""
+    if not task.has_mixing:
+        kept = model.kept_label_map()  # a residual model's I - W_E W_E^T, made once
+        if kept is not None:
+            return kept
     r = task.scaled_mixing() if task.has_mixing else None
     if model.residual:
         eye = _identity(task.n_features, task.mixing.device, task.mixing.dtype)

@@ -95,6 +95,11 @@ class CCModel(nn.Module):
         """
         return None
 
+    def kept_label_map(self) -> Tensor | None:
+        """(I if residual) - skip() (K, n, n), the labels' linear part when the task mixes nothing in,
+        if the model keeps it between steps (it is fixed); None: `evaluation._label_map` makes it."""
+        return None
+
     def skip(self) -> Tensor | None:
         """L (K, n, n), the linear path from input to output, or None."""
         return None
@@ -215,12 +220,20 @@ class ResidualMLP(CCModel):
         # G = W_E W_E^T (K, n, n) costs n^2 D per instance: made once, and again whenever W_E is
         # loaded or converted (a float32 G cast to float64 would not be W_E W_E^T in float64).
         self.register_buffer("embed_gram", self.w_embed @ self.w_embed.transpose(1, 2), persistent=False)
+        # The labels' linear part without mixing, I - G (`kept_label_map`), kept with G: as the
+        # transpose of a dense array, so that the C path reads R^T as it is.
+        self.register_buffer("_label_map_t", self._identity_minus_gram().transpose(1, 2).contiguous(), persistent=False)
         self.register_load_state_dict_post_hook(ResidualMLP._refresh_gram)
+
+    def _identity_minus_gram(self) -> Tensor:
+        eye = torch.eye(self.n_features, device=self.embed_gram.device, dtype=self.embed_gram.dtype)
+        return eye - self.embed_gram
 
     @staticmethod
     def _refresh_gram(module: ResidualMLP, incompatible_keys=None) -> None:
         with torch.no_grad():
             module.embed_gram = module.w_embed @ module.w_embed.transpose(1, 2)
+            module._label_map_t = module._identity_minus_gram().transpose(1, 2).contiguous()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -278,6 +291,9 @@ class ResidualMLP(CCModel):
 
     def skip(self) -> Tensor:
         return self.embed_gram
+
+    def kept_label_map(self) -> Tensor:
+        return self._label_map_t.transpose(1, 2)  # I - G, the values `evaluation._label_map` would make
 
     def forward_direct(self, x: Tensor) -> Tensor:
         """The residual stream as written by Braun et al., in d_embed dimensions."""
