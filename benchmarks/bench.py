@@ -53,6 +53,7 @@ from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean
 from cis_lightning.main import PROGRESS_BAR_REFRESH, NoProfiler, run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
+from cis_lightning.module import automatic_threads
 from cis_lightning.optim import AdamW
 from cis_lightning.task import Instance, Task
 
@@ -106,7 +107,17 @@ def _peak_rss_mb() -> float:
 
 
 # -- the reference: what the paper's code does, written plainly ----------------------------------------
-def reference_steps_per_second(warmup: int, steps: int) -> float:
+def reference_steps_per_second(warmup: int, steps: int, threads: int | None = None) -> float:
+    """The paper's training step, on torch's threads (or `threads`)."""
+    outside = torch.get_num_threads()
+    torch.set_num_threads(threads or outside)
+    try:
+        return _reference_steps_per_second(warmup, steps)
+    finally:
+        torch.set_num_threads(outside)
+
+
+def _reference_steps_per_second(warmup: int, steps: int) -> float:
     generator = torch.Generator().manual_seed(0)
     w_in = torch.nn.Parameter(torch.empty(N_FEATURES, D_MLP))
     w_out = torch.nn.Parameter(torch.empty(D_MLP, N_FEATURES))
@@ -165,6 +176,10 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
     task, model = clean_task(), MLP(N_FEATURES, D_MLP)
     optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + steps)
+    # The threads `cis fit` trains this step on (CCModule's threads=None), unless --threads says.
+    threads = None
+    if "CIS_BENCH_THREADS" not in os.environ:
+        threads = automatic_threads(model, 1, batch_size, torch.device("cpu"))
 
     def draw_and_loss(model: MLP, task: Task, t: int) -> torch.Tensor:
         return mean_loss(model, task, task.draw(batch_size, t))
@@ -177,12 +192,17 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
         optimizer.step()
         schedule.step()
 
-    for t in range(warmup):
-        step(t)
-    start = time.perf_counter()
-    for t in range(warmup, warmup + steps):
-        step(t)
-    return steps / (time.perf_counter() - start)
+    outside = torch.get_num_threads()
+    torch.set_num_threads(threads or outside)
+    try:
+        for t in range(warmup):
+            step(t)
+        start = time.perf_counter()
+        for t in range(warmup, warmup + steps):
+            step(t)
+        return steps / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(outside)
 
 
 def cis_steps_per_second(config: str, warmup: int, steps: int, extra: list[str] | None = None) -> float:
@@ -207,6 +227,7 @@ def cis_steps_per_second(config: str, warmup: int, steps: int, extra: list[str] 
                 "--trainer.callbacks+=__main__.StepTimer",
                 "--trainer.callbacks.first",
                 str(warmup),
+                *(["--model.threads", os.environ["CIS_BENCH_THREADS"]] if "CIS_BENCH_THREADS" in os.environ else []),
                 *(extra or []),
             ]
         )
@@ -403,6 +424,7 @@ def main() -> None:
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
     ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
+    ref_one_thread = []
     bare_quiet = []
     k16_unmerged, core_merged, k16_compiled_draw = [], [], []
     mlp_numpy, core_numpy, k16_numpy = [], [], []
@@ -414,6 +436,8 @@ def main() -> None:
         mlp.append(cis_steps_per_second("configs/mlp_clean.yaml", w, s))
         residual.append(cis_steps_per_second("configs/compressed_computation.yaml", w, s))
         core.append(core_steps_per_second(w, s))
+        # cis trains the MLP on one thread (CCModule's threads): the reference on one, for comparison.
+        ref_one_thread.append(reference_steps_per_second(w, s, threads=1))
         # The C kernels off: numpy and torch, whose merge of single-feature samples MERGE_SINGLE_FROM
         # decides (the C bookkeeping always merges). Right after the same runs with the C kernels.
         with native.turned_off():
@@ -451,6 +475,7 @@ def main() -> None:
         statistics.median(v)
         for v in (ref, mlp, residual, compiled, core, core8, mlp8, core_merged, mlp_numpy, core_numpy)
     )
+    ref_one_thread = statistics.median(ref_one_thread)
     k16, k16_numpy, k16_unmerged, k16_compiled_draw = (
         statistics.median(v) for v in (k16, k16_numpy, k16_unmerged, k16_compiled_draw)
     )
@@ -488,6 +513,7 @@ def main() -> None:
 
     rows = [
         ("reference loop (paper's code), steps/s", f"{ref:.1f}", ""),
+        ("  the same on one thread (as cis trains this MLP), steps/s", f"{ref_one_thread:.1f}", ""),
         ("cis fit MLP, steps/s", f"{mlp:.1f}", ""),
         ("  ratio cis / reference, of the medians", f"{mlp / ref:.2f}x", ""),
         ("  ratio cis / reference, median of the repeats' ratios", f"{fit_gain:.2f}x", ">= 3x"),

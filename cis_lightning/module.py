@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from cis_lightning import fused, native
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.evaluation import (
     StratifiedLossPerFeature,
@@ -76,6 +77,15 @@ class CCModule(pl.LightningModule):
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
 
+    `threads`: torch's intra-op threads while training (validation and test keep the process's
+    own). None: 1 where a training step is mostly single-threaded host work, which a second thread
+    only slows down (its spinning worker takes the other core): one float32 instance of a network
+    without a frozen embedding on a CPU, at a batch whose bags run in C (K B below
+    `fused.MERGE_SINGLE_FROM`). On the 2-core test machine that made `cis fit` of the paper's MLP
+    1.04x to 1.11x as fast, while the residual model (whose folded weights are products with
+    d_embed = 1000) and two or more instances ran faster on two threads (README, Performance).
+    Otherwise None leaves torch's setting as it is.
+
     `sigma_lr`: the learning rate of a learned sigma (data.learn_sigma; None: `lr`), in its own
     param group with no weight decay, annealed by the same cosine (and per-instance schedule). Adam
     moves a parameter by about its learning rate per step whatever its gradient's scale, so at
@@ -94,6 +104,7 @@ class CCModule(pl.LightningModule):
         test_feature_probabilities: list[float] | None = None,
         compile: bool = False,
         sigma_lr: float | None = None,
+        threads: int | None = None,
     ):
         super().__init__()
         require(
@@ -111,6 +122,13 @@ class CCModule(pl.LightningModule):
             "model.sigma_lr",
             f"must be a number > 0 or null (the model's lr), got {sigma_lr!r}",
         )
+        require(
+            threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
+            "model.threads",
+            f"must be an integer >= 1 or null (automatic), got {threads!r}",
+        )
+        self.threads = threads
+        self._threads_outside: int | None = None  # torch's threads before training set its own
         self.network = network
         self.lr = lr
         self.sigma_lr = lr if sigma_lr is None else sigma_lr
@@ -246,8 +264,39 @@ class CCModule(pl.LightningModule):
         """
         return self.trainer._logger_connector.should_update_logs
 
+    # -- threads --------------------------------------------------------------------------------
+    def training_threads(self) -> int | None:
+        """torch's threads for training steps (`threads`; None: leave torch's setting)."""
+        if self.threads is not None:
+            return self.threads
+        local_batch = self.trainer.datamodule.batch_size // self.trainer.world_size
+        return automatic_threads(self.network, self.task.n_instances, local_batch, self.device)
+
+    def _use_training_threads(self) -> None:
+        threads = self.training_threads()
+        if threads is not None and threads != torch.get_num_threads():
+            if self._threads_outside is None:
+                self._threads_outside = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def _restore_threads(self) -> None:
+        if self._threads_outside is not None:
+            torch.set_num_threads(self._threads_outside)
+            self._threads_outside = None
+
+    def on_validation_start(self) -> None:
+        self._restore_threads()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":  # a validation inside fit: back to the training threads
+            self._use_training_threads()
+
+    def teardown(self, stage: str) -> None:
+        self._restore_threads()  # also after an error
+
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        self._use_training_threads()
         steps = self.instance_steps()
         self.trainer.datamodule.train_steps = steps if len(set(steps)) > 1 else None
         # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device
@@ -293,6 +342,7 @@ class CCModule(pl.LightningModule):
         self._stop_if_diverged(check_weights=True)
 
     def on_train_end(self) -> None:
+        self._restore_threads()
         self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -414,6 +464,21 @@ class CCModule(pl.LightningModule):
             os.replace(tmp, path)
 
 
+def automatic_threads(network: CCModel, n_instances: int, local_batch: int, device: torch.device) -> int | None:
+    """`CCModule`'s threads=None: 1 where a training step is mostly single-threaded host work (one
+    float32 instance of a network without a frozen embedding, on a CPU, its bags in C), else None."""
+    if n_instances > 1 or network.residual or device.type != "cpu":
+        return None
+    weight = network.hidden_weight()
+    host_work = (
+        weight is not None
+        and weight.dtype == torch.float32
+        and local_batch < fused.MERGE_SINGLE_FROM
+        and native.library() is not None
+    )
+    return 1 if host_work else None
+
+
 def _network_weights(path: str) -> dict[str, Tensor]:
     """The network's state dict from a Lightning checkpoint or a run's weights.pt, read as data only."""
     state = read_checkpoint(path, field="model.init_from", lightning=False)
@@ -454,4 +519,4 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "TrainingDiverged", "format_results"]
+__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "TrainingDiverged", "automatic_threads", "format_results"]

@@ -121,6 +121,7 @@ def test_every_config_parses_with_the_papers_defaults(config, capsys):
         (["--model.network.init_args.d_mlp", "0"], "model.d_mlp"),
         (["--data.mixing.kind", "low_rank", "--data.mixing.rank", "101"], "data.mixing.rank"),
         (["--model.lr", "-0.1"], "model.lr"),
+        (["--model.threads", "0"], "model.threads"),
     ],
 )
 def test_bad_values_stop_before_training_with_one_message(tiny, tmp_path, capsys, override, field):

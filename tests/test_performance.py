@@ -540,3 +540,41 @@ def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(
     one, sixteen = step_ops(1), step_ops(16)
     assert len(one) > 10
     assert sixteen == one
+
+
+class ThreadProbe(pl.Callback):
+    """torch's intra-op threads at every training and validation batch."""
+
+    def __init__(self) -> None:
+        self.training: list[int] = []
+        self.validation: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.training.append(torch.get_num_threads())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.validation.append(torch.get_num_threads())
+
+
+@pytest.mark.parametrize(
+    "config, extra, expected",
+    [
+        ("configs/mlp_clean.yaml", [], 1),  # one instance, bags in C: host work, one thread
+        ("configs/mlp_clean.yaml", ["--model.threads", "3"], 3),  # as configured
+        ("configs/mlp_clean.yaml", ["--data.grid", '{"seed": [0, 1]}'], 2),  # two instances: torch's own
+        ("configs/mlp_clean.yaml", ["--data.batch_size", "4096"], 2),  # bags in torch
+        ("configs/compressed_computation.yaml", ["--model.network.init_args.d_embed", "64"], 2),  # residual
+    ],
+)
+def test_training_threads_where_a_step_is_host_work_and_the_process_keeps_its_own(tiny, config, extra, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probe = ["--trainer.callbacks+=tests.test_performance.ThreadProbe", "--trainer.val_check_interval", "2"]
+        cli = run(["fit", *tiny(config, steps=4), *probe, *extra])
+        (threads,) = (c for c in cli.trainer.callbacks if isinstance(c, ThreadProbe))
+        assert threads.training == [expected] * 4
+        assert threads.validation and set(threads.validation) == {2}  # sanity check and both validations
+        assert torch.get_num_threads() == 2  # restored after fit
+    finally:
+        torch.set_num_threads(before)
