@@ -364,7 +364,7 @@ class _OneLayerLoss(torch.autograd.Function):
         if r is None:
             u_sq = entries.u_sq
         else:
-            q += entries.sum_by_row((r.transpose(1, 2) @ w).reshape(k * n, m), value)  # + W^T R x
+            q += entries.sum_by_row(torch.bmm(r.transpose(1, 2), w).reshape(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
             u_sq = torch.linalg.vecdot(u, u)  # ||u_b||^2 (square() is a slow pow here)
@@ -413,8 +413,8 @@ class _OneLayerLoss(torch.autograd.Function):
             grad_w = 2 * torch.bmm(w, d_gram)
             grad_w -= entries.sum_by_feature(h_rows, relu_weight).view(k, n, m)
         if r is not None:
-            d_t = -entries.sum_by_feature(h_rows, weight).view(k, n, m)  # gradient at T = R^T W
-            grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, d_t, grad_w)
+            minus_d_t = entries.sum_by_feature(h_rows, weight).view(k, n, m)  # minus the gradient at T = R^T W
+            grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, minus_d_t, grad_w)
         return grad_a, grad_w, grad_r, None, None, None, None
 
 
@@ -425,7 +425,7 @@ def _native_forward(ctx, a, w, r, entries, batch_size):
     t_table = rt_table = None
     if r is not None:
         r_t = r.transpose(1, 2)
-        t_table, rt_table = (r_t @ w).reshape(k * n, m), r_t.reshape(k * n, n)  # T = R^T W, R^T
+        t_table, rt_table = torch.bmm(r_t, w).reshape(k * n, m), r_t.reshape(k * n, n)  # T = R^T W, R^T
     h, q, u, labels = native.hidden_cross(
         entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
     )
@@ -462,19 +462,20 @@ def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
         weight = None
         if ctx.needs_input_grad[2]:
             weight = entries.value_by_feature * scale.index_select(0, entries.instance_by_feature)
-        grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, -grad_t.view(k, n, m), grad_w)
+        grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, grad_t.view(k, n, m), grad_w)
     return grad_a, grad_w, grad_r, None, None, None, None
 
 
-def _label_map_grads(ctx, w, r, u, weight, d_t, grad_w):
-    """(grad_w, grad_r) of labels with a linear part R x: dL/dW gains R dT (d_t, the gradient at
-    T = R^T W), and dL/dR (None unless R needs it; weight: value_c s_c in feature order)."""
+def _label_map_grads(ctx, w, r, u, weight, minus_d_t, grad_w):
+    """(grad_w, grad_r) of labels with a linear part R x: dL/dW gains R dT (minus_d_t: -dT, dT the
+    gradient at T = R^T W, as the bags make it), and dL/dR (None unless R needs it; weight: value_c
+    s_c in feature order)."""
     k, n, _ = w.shape
     grad_r = None
     if ctx.needs_input_grad[1]:
-        grad_w += torch.bmm(r, d_t)
+        grad_w -= torch.bmm(r, minus_d_t)
     if ctx.needs_input_grad[2]:
         # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
         d_rt = ctx.entries.sum_by_feature(u, weight).view(k, n, n)
-        grad_r = torch.bmm(w, d_t.transpose(1, 2)) + d_rt.transpose(1, 2)
+        grad_r = torch.bmm(w, minus_d_t.transpose(1, 2)).neg_().add_(d_rt.transpose(1, 2))
     return grad_w, grad_r
