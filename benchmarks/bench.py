@@ -385,7 +385,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--steps", type=int, default=400, help="timed steps per training measurement")
     parser.add_argument("--memory-steps", type=int, default=10_000)
