@@ -175,6 +175,13 @@ class CCDataModule(pl.LightningDataModule):
         n_batches = -(-n_samples // self.eval_batch_size)
         return _Steps(Stream.TEST, lambda: 0, n_batches, split=self._rank_and_world)
 
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning calls this hook of the data module, not the module's teardown, when a fit fails:
+        # the module gives torch back the threads it had before training (`CCModule.threads`).
+        restore = getattr(self.trainer.lightning_module, "_restore_threads", None)
+        if restore is not None:
+            restore()
+
     def transfer_batch_to_device(self, batch: tuple, device: Any, dataloader_idx: int) -> tuple:
         # A batch is a few ints until on_after_batch_transfer draws it on the device: nothing to move
         # (Lightning's default walks it for tensors, about 8 us a step, ad hoc).

@@ -578,3 +578,14 @@ def test_training_threads_where_a_step_is_host_work_and_the_process_keeps_its_ow
         assert torch.get_num_threads() == 2  # restored after fit
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_fit_gives_torch_its_threads_back(tiny):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(SystemExit):  # lr = 1e30: the loss of step 1 overflows, training stops
+            run(["fit", *tiny("configs/mlp_clean.yaml", steps=10), "--model.lr", "1e30"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
