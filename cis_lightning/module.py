@@ -291,9 +291,6 @@ class CCModule(pl.LightningModule):
         if self.trainer.state.fn == "fit":  # a validation inside fit: back to the training threads
             self._use_training_threads()
 
-    def teardown(self, stage: str) -> None:
-        self._restore_threads()  # also after an error
-
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._use_training_threads()
