@@ -77,14 +77,14 @@ class CCModule(pl.LightningModule):
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
 
-    `threads`: torch's intra-op threads while training (validation and test keep the process's
-    own, and the process gets its own back when fit ends or fails). None: 1 where a training step
-    is mostly single-threaded host work, which a second thread only slows down (its spinning worker
-    takes the other core): one float32 instance of a network without a frozen embedding on a CPU,
-    at a batch whose bags run in C (K B below `fused.MERGE_SINGLE_FROM`). On the 2-core test machine that made `cis fit` of the paper's MLP
-    1.04x to 1.11x as fast, while the residual model (whose folded weights are products with
-    d_embed = 1000) and two or more instances ran faster on two threads (README, Performance).
-    Otherwise None leaves torch's setting as it is.
+    `threads`: torch's intra-op threads while training (validation and test keep the process's own,
+    and the process gets its own back when fit ends or fails). None: 1 where a training step is
+    mostly single-threaded host work, which a second thread only slows down (its spinning worker
+    takes the other core): one float32 instance of a network without a frozen embedding on a CPU, at
+    a batch whose bags run in C (K B below `fused.MERGE_SINGLE_FROM`). On the 2-core test machine
+    that made `cis fit` of the paper's MLP 1.04x to 1.11x as fast, while the residual model (whose
+    folded weights are products with d_embed = 1000) and two or more instances ran faster on two
+    threads (README, Performance). Otherwise None leaves torch's setting as it is.
 
     `sigma_lr`: the learning rate of a learned sigma (data.learn_sigma; None: `lr`), in its own
     param group with no weight decay, annealed by the same cosine (and per-instance schedule). Adam
