@@ -107,14 +107,21 @@ def _peak_rss_mb() -> float:
 
 
 # -- the reference: what the paper's code does, written plainly ----------------------------------------
-def reference_steps_per_second(warmup: int, steps: int, threads: int | None = None) -> float:
-    """The paper's training step, on torch's threads (or `threads`)."""
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` inside (None: as they are)."""
     outside = torch.get_num_threads()
     torch.set_num_threads(threads or outside)
     try:
-        return _reference_steps_per_second(warmup, steps)
+        yield
     finally:
         torch.set_num_threads(outside)
+
+
+def reference_steps_per_second(warmup: int, steps: int, threads: int | None = None) -> float:
+    """The paper's training step, on torch's threads (or `threads`)."""
+    with torch_threads(threads):
+        return _reference_steps_per_second(warmup, steps)
 
 
 def _reference_steps_per_second(warmup: int, steps: int) -> float:
@@ -179,7 +186,7 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
     # The threads `cis fit` trains this step on (CCModule's threads=None), unless --threads says.
     threads = None
     if "CIS_BENCH_THREADS" not in os.environ:
-        threads = automatic_threads(model, 1, batch_size, torch.device("cpu"))
+        threads = automatic_threads(model, task, batch_size, torch.device("cpu"))
 
     def draw_and_loss(model: MLP, task: Task, t: int) -> torch.Tensor:
         return mean_loss(model, task, task.draw(batch_size, t))
@@ -192,17 +199,13 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
         optimizer.step()
         schedule.step()
 
-    outside = torch.get_num_threads()
-    torch.set_num_threads(threads or outside)
-    try:
+    with torch_threads(threads):
         for t in range(warmup):
             step(t)
         start = time.perf_counter()
         for t in range(warmup, warmup + steps):
             step(t)
         return steps / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(outside)
 
 
 def cis_steps_per_second(config: str, warmup: int, steps: int, extra: list[str] | None = None) -> float:

@@ -178,7 +178,7 @@ class CCDataModule(pl.LightningDataModule):
     def on_exception(self, exception: BaseException) -> None:
         # Lightning calls this hook of the data module, not the module's teardown, when a fit fails:
         # the module gives torch back the threads it had before training (`CCModule.threads`).
-        restore = getattr(self.trainer.lightning_module, "_restore_threads", None)
+        restore = getattr(self.trainer.lightning_module, "restore_threads", None)
         if restore is not None:
             restore()
 

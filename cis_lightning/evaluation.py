@@ -57,11 +57,20 @@ def mean_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
     return _loss(model, task, x, mean=True)
 
 
+def one_layer_weights(model: CCModel) -> tuple[Tensor, Tensor] | None:
+    """(A, W) where a sparse batch's loss runs as `fused.one_layer_loss` (a bias-free one-layer
+    readout form), else None."""
+    if not model.has_readout_form:
+        return None
+    a, (w, b) = model.hidden_weight(), model.readout()
+    return (a, w) if a is not None and b is None else None
+
+
 def _loss(model: CCModel, task: Task, x: Tensor | SparseInput, mean: bool) -> Tensor:
+    weights = one_layer_weights(model) if isinstance(x, SparseInput) else None
+    if weights is not None:
+        return one_layer_loss(*weights, _label_map(model, task), x, mean=mean)
     if isinstance(x, SparseInput) and model.has_readout_form:
-        a, (w, b) = model.hidden_weight(), model.readout()
-        if a is not None and b is None:
-            return one_layer_loss(a, w, _label_map(model, task), x, mean=mean)
         loss = _readout_loss(model, task, x)
     else:
         x = to_dense(x)

@@ -59,6 +59,17 @@ HOST_PATH_ON = ("cpu",)
 MERGE_SINGLE_FROM = 4096
 
 
+def bags_in_c(device: torch.device, dtype: torch.dtype, samples: int) -> bool:
+    """Whether the training loss (a batch mean, `one_layer_loss`) of `samples` = K B samples runs its
+    embedding bags in C: float32 on a host device, below MERGE_SINGLE_FROM samples, the kernels built."""
+    return (
+        device.type in HOST_PATH_ON
+        and dtype == torch.float32
+        and samples < MERGE_SINGLE_FROM
+        and native.library() is not None
+    )
+
+
 def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean: bool = False) -> Tensor:
     """Per-sample loss (K, B) of y_hat = W ReLU(A x) against ReLU(x) + R x; with `mean`, its mean
     over the batch (K,) (the training loss: nothing per sample is put back in place).
@@ -82,7 +93,7 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
         # C's single thread ran them no faster at K = 16.
         lib = native.library() if mean and a.dtype == torch.float32 else None
         if lib is not None:
-            entries = _Entries.from_native(lib, x, k, bags_in_c=not merge)
+            entries = _Entries.from_native(lib, x, k, bags_in_c=bags_in_c(x.row.device, a.dtype, k * batch_size))
         else:
             x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
             entries = _Entries.on_host(x, k, a.dtype)
@@ -477,5 +488,5 @@ def _label_map_grads(ctx, w, r, u, weight, minus_d_t, grad_w):
     if ctx.needs_input_grad[2]:
         # d||u_b||^2 / dR = 2 u_b x_b^T with weights g_b / n: summed into the columns f_c of R.
         d_rt = ctx.entries.sum_by_feature(u, weight).view(k, n, n)
-        grad_r = torch.bmm(w, minus_d_t.transpose(1, 2)).neg_().add_(d_rt.transpose(1, 2))
+        grad_r = d_rt.transpose(1, 2) - torch.bmm(w, minus_d_t.transpose(1, 2))
     return grad_w, grad_r

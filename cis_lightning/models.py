@@ -219,21 +219,20 @@ class ResidualMLP(CCModel):
         self.w_out = nn.Parameter(torch.stack(w_out))
         # G = W_E W_E^T (K, n, n) costs n^2 D per instance: made once, and again whenever W_E is
         # loaded or converted (a float32 G cast to float64 would not be W_E W_E^T in float64).
-        self.register_buffer("embed_gram", self.w_embed @ self.w_embed.transpose(1, 2), persistent=False)
-        # The labels' linear part without mixing, I - G (`kept_label_map`), kept with G: as the
+        # The labels' linear part without mixing, I - G (`kept_label_map`), is kept with G: as the
         # transpose of a dense array, so that the C path reads R^T as it is.
-        self.register_buffer("_label_map_t", self._identity_minus_gram().transpose(1, 2).contiguous(), persistent=False)
+        self.register_buffer("embed_gram", None, persistent=False)
+        self.register_buffer("_label_map_t", None, persistent=False)
+        self._refresh_gram(self)
         self.register_load_state_dict_post_hook(ResidualMLP._refresh_gram)
-
-    def _identity_minus_gram(self) -> Tensor:
-        eye = torch.eye(self.n_features, device=self.embed_gram.device, dtype=self.embed_gram.dtype)
-        return eye - self.embed_gram
 
     @staticmethod
     def _refresh_gram(module: ResidualMLP, incompatible_keys=None) -> None:
         with torch.no_grad():
-            module.embed_gram = module.w_embed @ module.w_embed.transpose(1, 2)
-            module._label_map_t = module._identity_minus_gram().transpose(1, 2).contiguous()
+            w_e = module.w_embed
+            module.embed_gram = w_e @ w_e.transpose(1, 2)
+            eye = torch.eye(module.n_features, device=w_e.device, dtype=w_e.dtype)
+            module._label_map_t = (eye - module.embed_gram).transpose(1, 2).contiguous()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

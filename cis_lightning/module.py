@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from cis_lightning import fused, native
+from cis_lightning import fused
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.evaluation import (
     StratifiedLossPerFeature,
@@ -23,6 +23,7 @@ from cis_lightning.evaluation import (
     exact_strata,
     mean_loss,
     naive_loss_per_feature,
+    one_layer_weights,
     stratum_losses,
 )
 from cis_lightning.loading import read_checkpoint
@@ -80,11 +81,12 @@ class CCModule(pl.LightningModule):
     `threads`: torch's intra-op threads while training (validation and test keep the process's own,
     and the process gets its own back when fit ends or fails). None: 1 where a training step is
     mostly single-threaded host work, which a second thread only slows down (its spinning worker
-    takes the other core): one float32 instance of a network without a frozen embedding on a CPU, at
-    a batch whose bags run in C (K B below `fused.MERGE_SINGLE_FROM`). On the 2-core test machine
-    that made `cis fit` of the paper's MLP 1.04x to 1.11x as fast, while the residual model (whose
-    folded weights are products with d_embed = 1000) and two or more instances ran faster on two
-    threads (README, Performance). Otherwise None leaves torch's setting as it is.
+    takes the other core): one instance of a network without a frozen embedding whose loss runs its
+    bags in C (sparse batches of a bias-free one-layer model, float32 on a CPU, K B below
+    `fused.MERGE_SINGLE_FROM`; `automatic_threads`). On the 2-core test machine that made `cis fit`
+    of the paper's MLP 1.04x to 1.11x as fast, while the residual model (whose folded weights are
+    products with d_embed = 1000) and two or more instances ran faster on two threads (README,
+    Performance). Otherwise None leaves torch's setting as it is.
 
     `sigma_lr`: the learning rate of a learned sigma (data.learn_sigma; None: `lr`), in its own
     param group with no weight decay, annealed by the same cosine (and per-instance schedule). Adam
@@ -270,7 +272,7 @@ class CCModule(pl.LightningModule):
         if self.threads is not None:
             return self.threads
         local_batch = self.trainer.datamodule.batch_size // self.trainer.world_size
-        return automatic_threads(self.network, self.task.n_instances, local_batch, self.device)
+        return automatic_threads(self.network, self.task, local_batch, self.device)
 
     def _use_training_threads(self) -> None:
         threads = self.training_threads()
@@ -279,13 +281,14 @@ class CCModule(pl.LightningModule):
                 self._threads_outside = torch.get_num_threads()
             torch.set_num_threads(threads)
 
-    def _restore_threads(self) -> None:
+    def restore_threads(self) -> None:
+        """torch's threads as they were before training set its own (after fit, and when it fails)."""
         if self._threads_outside is not None:
             torch.set_num_threads(self._threads_outside)
             self._threads_outside = None
 
     def on_validation_start(self) -> None:
-        self._restore_threads()
+        self.restore_threads()
 
     def on_validation_end(self) -> None:
         if self.trainer.state.fn == "fit":  # a validation inside fit: back to the training threads
@@ -339,7 +342,7 @@ class CCModule(pl.LightningModule):
         self._stop_if_diverged(check_weights=True)
 
     def on_train_end(self) -> None:
-        self._restore_threads()
+        self.restore_threads()
         self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -461,19 +464,15 @@ class CCModule(pl.LightningModule):
             os.replace(tmp, path)
 
 
-def automatic_threads(network: CCModel, n_instances: int, local_batch: int, device: torch.device) -> int | None:
+def automatic_threads(network: CCModel, task: Task, local_batch: int, device: torch.device) -> int | None:
     """`CCModule`'s threads=None: 1 where a training step is mostly single-threaded host work (one
-    float32 instance of a network without a frozen embedding, on a CPU, its bags in C), else None."""
-    if n_instances > 1 or network.residual or device.type != "cpu":
+    instance of a network without a frozen embedding, whose sparse batches' loss runs its bags in C),
+    else None. A residual network's folded weights are products with d_embed numbers, which two
+    threads run faster."""
+    if task.n_instances > 1 or network.residual or not task.draws_sparse:
         return None
-    weight = network.hidden_weight()
-    host_work = (
-        weight is not None
-        and weight.dtype == torch.float32
-        and local_batch < fused.MERGE_SINGLE_FROM
-        and native.library() is not None
-    )
-    return 1 if host_work else None
+    weights = one_layer_weights(network)
+    return 1 if weights is not None and fused.bags_in_c(device, weights[0].dtype, local_batch) else None
 
 
 def _network_weights(path: str) -> dict[str, Tensor]:

@@ -32,6 +32,11 @@ _HOST_DRAW_MAX = 2**15
 _SEQUENTIAL_SUBSET = 8
 
 
+def _sparse_at(ps: Sequence[float]) -> bool:
+    """Whether a batch of instances at these p is drawn as its active entries (all p <= _DENSE_ABOVE)."""
+    return max(ps) <= _DENSE_ABOVE
+
+
 class Stream(enum.IntEnum):
     """Independent random streams, so that no evaluation ever sees a training batch."""
 
@@ -233,10 +238,10 @@ class Task(nn.Module):
         require(
             batch_size % world_size == 0, "data.batch_size", f"{batch_size} is not divisible by the {world_size} ranks"
         )
-        local = batch_size // world_size
+        local, stream = batch_size // world_size, int(stream)
         device = self.mixing.device
         if self.exactly_one_active:
-            return self._one_active(self._key(int(stream), step)[:, None], rank * local, local)
+            return self._one_active(self._key(stream, step)[:, None], rank * local, local)
         # The path is chosen from host-side floats, never from device values (no sync).
         ps = (
             [i.feature_probability for i in self.instances]
@@ -244,9 +249,14 @@ class Task(nn.Module):
             else list(feature_probability)
         )
         p = self.feature_probability if feature_probability is None else self._probability(tuple(ps), device)
-        if max(ps) <= _DENSE_ABOVE:
-            return self._sparse(int(stream), step, p, batch_size, local, rank, max(ps), compiled)
-        return self._dense(self._key(int(stream), step)[:, None], p, local, rank, compiled)
+        if _sparse_at(ps):
+            return self._sparse(stream, step, p, batch_size, local, rank, max(ps), compiled)
+        return self._dense(self._key(stream, step)[:, None], p, local, rank, compiled)
+
+    @property
+    def draws_sparse(self) -> bool:
+        """Whether `draw` (at the instances' own p) returns a SparseInput."""
+        return self.exactly_one_active or _sparse_at([i.feature_probability for i in self.instances])
 
     def _probability(self, ps: tuple[float, ...], device: torch.device) -> Tensor:
         """p (K,) on the device for override values; kept, so that a run's few overrides copy once."""

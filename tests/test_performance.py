@@ -563,6 +563,8 @@ class ThreadProbe(pl.Callback):
         ("configs/mlp_clean.yaml", ["--model.threads", "3"], 3),  # as configured
         ("configs/mlp_clean.yaml", ["--data.grid", '{"seed": [0, 1]}'], 2),  # two instances: torch's own
         ("configs/mlp_clean.yaml", ["--data.batch_size", "4096"], 2),  # bags in torch
+        ("configs/mlp_clean.yaml", ["--data.feature_probability", "0.5"], 2),  # dense batches
+        ("configs/mlp_clean.yaml", ["--model.network.init_args.output_bias", "true"], 2),  # not the fused loss
         ("configs/compressed_computation.yaml", ["--model.network.init_args.d_embed", "64"], 2),  # residual
     ],
 )
