@@ -49,7 +49,7 @@ import yaml
 
 from cis_lightning import fused, native
 from cis_lightning.allocator import keep_freed_memory
-from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss, plan_strata
+from cis_lightning.evaluation import evaluate, evaluate_plan, exact_strata, mean_loss_eager, plan_strata
 from cis_lightning.main import PROGRESS_BAR_REFRESH, NoProfiler, run
 from cis_lightning.mixing import Mixing
 from cis_lightning.models import MLP
@@ -178,9 +178,10 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
     (`cis_lightning.optim`) and cosine schedule, as `cis fit` runs them on mlp_clean.yaml. What
     Lightning's loop adds is the difference (measured at batch 8 too, where the arithmetic is negligible).
 
-    `loss(model, task, t)`: the training loss (K,) of step t, called for t = 0, 1, ... in order
-    (default: `mean_loss` of cis's draw of step t)."""
+    `loss(model, task, t)`: the training loss (K,) of step t, called for t = 0, 1, ... in order,
+    backward through autograd (default: `mean_loss_eager` of cis's draw of step t, as `cis fit`)."""
     task, model = clean_task(), MLP(N_FEATURES, D_MLP)
+    one = torch.ones(1)  # the gradient of the loss at the one instance's loss
     optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=warmup + steps)
     # The threads `cis fit` trains this step on (CCModule's threads=None), unless --threads says.
@@ -188,14 +189,13 @@ def core_steps_per_second(warmup: int, steps: int, batch_size: int = BATCH, loss
     if "CIS_BENCH_THREADS" not in os.environ:
         threads = automatic_threads(model, task, batch_size, torch.device("cpu"))
 
-    def draw_and_loss(model: MLP, task: Task, t: int) -> torch.Tensor:
-        return mean_loss(model, task, task.draw(batch_size, t))
-
-    loss = loss or draw_and_loss
-
     def step(t: int) -> None:
         optimizer.zero_grad()
-        loss(model, task, t).sum().backward()
+        if loss is None:  # as `cis fit` trains: the gradients without autograd (`CCModule.backward`)
+            backward = mean_loss_eager(model, task, task.draw(batch_size, t))[1]
+            backward(one)
+        else:
+            loss(model, task, t).sum().backward()
         optimizer.step()
         schedule.step()
 

@@ -79,7 +79,10 @@ def main() -> None:
             for worker in (False, True):
                 where = "in a DataLoader worker" if worker else "in the training process"
                 name = f"core step, {threads} thread{'s' * (threads > 1)}, draw and bookkeeping {where}"
-                rate = core_steps_per_second(args.warmup, args.steps, loss=worker_loss() if worker else None)
+                # Both through autograd (the worker's loss has no eager backward), so that only where
+                # the batch is made differs.
+                in_process = lambda model, task, t: mean_loss(model, task, task.draw(BATCH, t))  # noqa: E731
+                rate = core_steps_per_second(args.warmup, args.steps, loss=worker_loss() if worker else in_process)
                 rows.setdefault(name, []).append(1e3 / rate)
     width = max(map(len, rows))
     print(f"median of {args.repeats}; ms per step")

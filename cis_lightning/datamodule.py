@@ -177,10 +177,11 @@ class CCDataModule(pl.LightningDataModule):
 
     def on_exception(self, exception: BaseException) -> None:
         # Lightning calls this hook of the data module, not the module's teardown, when a fit fails:
-        # the module gives torch back the threads it had before training (`CCModule.threads`).
-        restore = getattr(self.trainer.lightning_module, "restore_threads", None)
-        if restore is not None:
-            restore()
+        # the module gives torch back the threads it had before training (`CCModule.threads`) and
+        # its training steps their autograd graph (`CCModule.backward`).
+        leave = getattr(self.trainer.lightning_module, "leave_training", None)
+        if leave is not None:
+            leave()
 
     def transfer_batch_to_device(self, batch: tuple, device: Any, dataloader_idx: int) -> tuple:
         # A batch is a few ints until on_after_batch_transfer draws it on the device: nothing to move

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from cis_lightning.errors import require
-from cis_lightning.fused import one_layer_loss
+from cis_lightning.fused import accumulate_gradients, one_layer_loss, one_layer_mean_loss_eager
 from cis_lightning.models import CCModel
 from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, select_instances, to_dense
 
@@ -55,6 +55,30 @@ def per_sample_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tens
 def mean_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
     """The training loss: the mean of `per_sample_loss` over the batch, (K,)."""
     return _loss(model, task, x, mean=True)
+
+
+def mean_loss_eager(model: CCModel, task: Task, x: Tensor | SparseInput) -> tuple[Tensor, Callable] | None:
+    """`mean_loss` without autograd, where x is sparse and the loss has the one-layer form
+    (`one_layer_weights`): (the losses (K,), `backward(grad)`, which adds to the gradients of the
+    model's parameters and the task's learned sigma those of sum_k grad_k loss_k), else None.
+
+    The same numbers as autograd's backward of `mean_loss` (tests/test_performance.py); the model's
+    fold of its parameters into A and W runs backward in `CCModel.one_layer_backward`."""
+    if not isinstance(x, SparseInput):
+        return None
+    with torch.no_grad():
+        weights = one_layer_weights(model)
+    if weights is None:
+        return None
+    r = _label_map(model, task)  # a learned sigma's graph: its gradient goes through autograd
+    means, gradients = one_layer_mean_loss_eager(*weights, r, x, (True, True, r is not None and r.requires_grad))
+
+    def backward(grad: Tensor) -> None:
+        grad_a, grad_w, grad_r = gradients(grad)
+        model.one_layer_backward(grad_a, grad_w)
+        accumulate_gradients((r,), (grad_r,))
+
+    return means, backward
 
 
 def one_layer_weights(model: CCModel) -> tuple[Tensor, Tensor] | None:

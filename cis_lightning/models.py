@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cis_lightning.errors import check_sizes, require
+from cis_lightning.fused import accumulate_gradients
 from cis_lightning.mixing import embedding_mixing, random_embedding
 from cis_lightning.task import SparseInput, times
 
@@ -95,6 +96,18 @@ class CCModel(nn.Module):
         """
         return None
 
+    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
+        """Add to the parameters' gradients what hidden_weight() and readout()[0] pass back when they
+        receive grad_a and grad_w (None: nothing), as autograd would (`evaluation.mean_loss_eager`).
+
+        By default through autograd, from the two made anew (in one backward, so that a parameter
+        in both, like a tied MLP's, sums its two parts as autograd does); models override it."""
+        with torch.enable_grad():
+            weights = (self.hidden_weight(), self.readout()[0])
+        kept = [i for i, grad in enumerate((grad_a, grad_w)) if grad is not None and weights[i].requires_grad]
+        if kept:
+            torch.autograd.backward([weights[i] for i in kept], [(grad_a, grad_w)[i] for i in kept])
+
     def kept_label_map(self) -> Tensor | None:
         """(I if residual) - skip() (K, n, n), the labels' linear part when the task mixes nothing in,
         if the model keeps it between steps (it is fixed); None: `evaluation._label_map` makes it."""
@@ -163,6 +176,11 @@ class MLP(CCModel):
 
     def hidden_weight(self) -> Tensor | None:
         return self.effective_weights()[0] if self.b_hidden is None else None
+
+    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
+        if self.tied:  # W_out = W_in^T: both gradients go to W_in (autograd adds them)
+            return super().one_layer_backward(grad_a, grad_w)
+        accumulate_gradients((self.w_in, self.w_out), (grad_a, grad_w))
 
     def forward(self, x: Tensor) -> Tensor:
         w_in, w_out = self.effective_weights()
@@ -287,6 +305,14 @@ class ResidualMLP(CCModel):
     def hidden_weight(self) -> Tensor | None:
         # flatten, not [:, 0]: the gradient of a view is a view, that of a select a new zero tensor.
         return torch.bmm(self.w_in.flatten(1, 2), self.w_embed.transpose(1, 2)) if self.n_layers == 1 else None
+
+    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
+        # A = W_in W_E^T and W = W_E W_out (one layer; `hidden_weight`, `readout`): autograd's
+        # backward of the two products, the same calls.
+        with torch.no_grad():
+            grad_in = None if grad_a is None else torch.bmm(grad_a, self.w_embed).view_as(self.w_in)
+            grad_out = None if grad_w is None else torch.bmm(self.w_embed.transpose(1, 2), grad_w).view_as(self.w_out)
+        accumulate_gradients((self.w_in, self.w_out), (grad_in, grad_out))
 
     def skip(self) -> Tensor:
         return self.embed_gram

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -22,6 +24,7 @@ from cis_lightning.evaluation import (
     exact_losses,
     exact_strata,
     mean_loss,
+    mean_loss_eager,
     naive_loss_per_feature,
     one_layer_weights,
     stratum_losses,
@@ -148,6 +151,11 @@ class CCModule(pl.LightningModule):
         require(isinstance(compile, bool), "model.compile", f"must be true or false, got {compile!r}")
         self.compile = compile
         self._training_loss = torch.compile(mean_loss, dynamic=False) if compile else mean_loss
+        # Inside fit, a one-layer network's training step computes its gradients without autograd
+        # (`backward`), where `_eager_backward_applies`; outside fit, training_step's loss has a graph.
+        self._eager_backward = False
+        self._pending_backward = None
+        self._loss_gradient: Tensor | None = None
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets _current_fx_name around every hook it calls, about 44 times a training step,
@@ -239,7 +247,11 @@ class CCModule(pl.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        losses = self._training_loss(self.network, self.task, x)  # (K,)
+        eager = mean_loss_eager(self.network, self.task, x) if self._eager_backward else None
+        if eager is not None:  # `backward` computes the gradients
+            losses, self._pending_backward = eager
+        else:
+            losses = self._training_loss(self.network, self.task, x)  # (K,)
         self._watch_finite(losses)
         if self._logging_this_step():
             self._stop_if_diverged()
@@ -258,6 +270,30 @@ class CCModule(pl.LightningModule):
     # Lightning asks for training_step's signature every step (whether to pass batch_idx), and inspect
     # builds it anew each time unless the function carries it: about 14 us a step here (ad hoc).
     training_step.__signature__ = inspect.signature(training_step)
+
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        pending, self._pending_backward = self._pending_backward, None
+        if pending is None:
+            return super().backward(loss, *args, **kwargs)
+        # The gradient autograd gives the K losses: Lightning's loss is their sum / accumulate_grad_batches.
+        gradient = self._loss_gradient
+        if gradient is None or gradient.shape[0] != self.task.n_instances or gradient.dtype != loss.dtype:
+            normalize = self.trainer.accumulate_grad_batches
+            gradient = torch.ones((), dtype=loss.dtype, device=loss.device).div(normalize)
+            self._loss_gradient = gradient = gradient.expand(self.task.n_instances)
+        pending(gradient)
+
+    def _eager_backward_applies(self) -> bool:
+        """Whether training steps may compute their gradients without autograd (`backward`): one
+        process (DDP reduces gradients in autograd's hooks), plain 32-bit precision (mixed precision
+        scales the loss), no compiled loss, and a network whose loss has the one-layer form."""
+        trainer = self.trainer
+        return (
+            not self.compile
+            and isinstance(trainer.strategy, SingleDeviceStrategy)
+            and type(trainer.precision_plugin) is Precision
+            and one_layer_weights(self.network) is not None
+        )
 
     def _logging_this_step(self) -> bool:
         """Log only on the steps the logger writes, so that the other steps make no host sync.
@@ -297,6 +333,7 @@ class CCModule(pl.LightningModule):
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._use_training_threads()
+        self._eager_backward, self._loss_gradient = self._eager_backward_applies(), None
         steps = self.instance_steps()
         self.trainer.datamodule.train_steps = steps if len(set(steps)) > 1 else None
         # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device
@@ -341,8 +378,13 @@ class CCModule(pl.LightningModule):
         # Never let a non-finite state overwrite the last good checkpoint.
         self._stop_if_diverged(check_weights=True)
 
-    def on_train_end(self) -> None:
+    def leave_training(self) -> None:
+        """Undo what training set for itself (torch's threads, the eager backward): fit ended or failed."""
         self.restore_threads()
+        self._eager_backward, self._pending_backward = False, None
+
+    def on_train_end(self) -> None:
+        self.leave_training()
         self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------

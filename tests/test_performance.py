@@ -517,9 +517,11 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("network", ["mlp", "residual"])
-def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(network, monkeypatch):
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(network, eager, monkeypatch):
     """Instances are batched, never looped: draw, loss and backward of K = 16 dispatch exactly the
-    operations of K = 1 (on a GPU, where a step costs launches, a sweep then costs no more launches).
+    operations of K = 1 (on a GPU, where a step costs launches, a sweep then costs no more launches),
+    through autograd and with the eager backward of `cis fit` in one process.
     Counted on the path a GPU takes: a CPU draws small batches and groups entries in numpy."""
     monkeypatch.setattr(fused_module, "HOST_PATH_ON", ())
     monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)
@@ -533,7 +535,10 @@ def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(
         task = Task([Instance(0.05, sigma=0.1, mixing=Mixing("gaussian", symmetric=True), seed=s) for s in seeds], 30)
         with _OpCounter() as counter:
             x = task.draw(256, step=7)
-            evaluation.mean_loss(model, task, x).sum().backward()
+            if eager:
+                evaluation.mean_loss_eager(model, task, x)[1](torch.ones(k))
+            else:
+                evaluation.mean_loss(model, task, x).sum().backward()
         return counter.ops
 
     step_ops(1)  # first calls fill caches (the counters of a batch size)
@@ -591,3 +596,126 @@ def test_a_failed_fit_gives_torch_its_threads_back(tiny):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- gradients without autograd (the training step's eager backward) ------------------------------------
+EAGER_CASES = [
+    ("mlp", "clean"),
+    ("mlp", "learned sigma, symmetric M"),
+    ("tied mlp", "learned sigma, symmetric M"),
+    ("residual", "clean"),
+    ("residual", "learned sigma, symmetric M"),
+]
+
+
+@pytest.mark.parametrize("network_name, task_name", EAGER_CASES)
+@pytest.mark.parametrize("path", ["C", "numpy", "device"])
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_eager_gradients_are_autograds_bit_for_bit(network_name, task_name, path, accumulated, monkeypatch):
+    """`evaluation.mean_loss_eager` gives every parameter and the learned sigma exactly the gradient
+    that autograd's backward of `mean_loss` gives (float32, as training runs), for an incoming
+    gradient that weights the instances differently, onto no gradient or onto one already there
+    (accumulated batches), on the C path, the numpy path and the path other devices take."""
+    if path == "device":
+        monkeypatch.setattr(fused_module, "HOST_PATH_ON", ())
+    if path == "numpy":
+        monkeypatch.setattr(native, "library", lambda: None)
+    model, task = NETWORKS[network_name](), TASKS[task_name](False)
+    with torch.no_grad():  # off the initialisation, so that every ReLU pattern and sign occurs
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+    in_c = native.library() is not None and fused_module.bags_in_c(torch.device("cpu"), torch.float32, 600)
+    assert (path == "C") == in_c
+    params = [*model.parameters(), *(p for p in task.parameters() if p.requires_grad)]
+    x = task.draw(300, step=4, rank=1, world_size=3)
+    weights = torch.tensor([0.7, 1.3])
+    earlier = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for p in params]
+    results = []
+    for eager in (False, True):
+        for p, g in zip(params, earlier, strict=True):
+            p.grad = g.clone() if accumulated else None
+        if eager:
+            means, backward = evaluation.mean_loss_eager(model, task, x)
+            assert not means.requires_grad
+            backward(weights)
+        else:
+            means = evaluation.mean_loss(model, task, x)
+            (weights * means).sum().backward()
+        results.append((means.detach(), [p.grad for p in params]))
+    (autograd_means, autograd_grads), (eager_means, eager_grads) = results
+    assert torch.equal(eager_means, autograd_means)
+    assert len(eager_grads) == len(params) >= 2
+    for a, b, p in zip(eager_grads, autograd_grads, params, strict=True):
+        assert torch.equal(a, b)
+        assert a.stride() == b.stride() == p.stride()  # fused AdamW reads a gradient in its parameter's layout
+        assert b.abs().sum() > 0
+
+
+def test_mean_loss_eager_leaves_dense_batches_and_other_models_to_autograd():
+    task = TASKS["clean"](False)
+    x = task.draw(64, step=1)
+    assert evaluation.mean_loss_eager(NETWORKS["mlp"](), task, x.dense()) is None
+    assert evaluation.mean_loss_eager(NETWORKS["mlp with biases"](), task, x) is None
+    assert evaluation.mean_loss_eager(NETWORKS["residual, 2 layers"](), task, x) is None
+
+
+def test_accumulate_gradients_sets_adds_and_runs_hooks_and_graphs():
+    leaf, hooked, root = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    seen = []
+    hooked.register_hook(lambda g: seen.append(g.clone()) or g * 2)  # a hook that changes the gradient
+    derived = root * 3  # not a leaf: its gradient goes on to root
+    one = torch.tensor([1.0, 2.0, 3.0])
+    fused_module.accumulate_gradients((leaf, hooked, derived, None), tuple(one.clone() for _ in range(4)))
+    assert torch.equal(leaf.grad, one) and torch.equal(hooked.grad, 2 * one) and torch.equal(root.grad, 3 * one)
+    assert len(seen) == 1
+    fused_module.accumulate_gradients((leaf, torch.zeros(3)), (one.clone(), one.clone()))  # adds; one wants none
+    assert torch.equal(leaf.grad, 2 * one)
+    # A gradient in another layout reaches .grad in the parameter's (fused AdamW reads both as flat arrays).
+    weight = torch.zeros(2, 3, requires_grad=True)
+    fused_module.accumulate_gradients((weight,), (torch.arange(6.0).view(3, 2).T,))
+    assert weight.grad.stride() == weight.stride() and torch.equal(weight.grad, torch.arange(6.0).view(3, 2).T)
+
+
+class EagerProbe(pl.Callback):
+    """Whether each training step's loss came without an autograd graph (the eager backward)."""
+
+    def __init__(self) -> None:
+        self.eager: list[bool] = []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.eager.append(loss.grad_fn is None)
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ("configs/mlp_gaussian.yaml", []),
+        ("configs/compressed_computation.yaml", []),
+        ("configs/mlp_embedding.yaml", ["--trainer.accumulate_grad_batches", "2"]),
+        ("configs/mlp_gaussian.yaml", ["--data.learn_sigma", "true", "--trainer.gradient_clip_val", "0.05"]),
+        # two instances of 2048 samples: the bags run in torch, whose gradient of A is a transposed view
+        ("configs/mlp_gaussian.yaml", ["--data.grid", '{"seed": [0, 1]}', "--data.batch_size", "2048"]),
+    ],
+)
+def test_fit_with_the_eager_backward_trains_the_weights_autograd_trains(tmp_path, config, extra, monkeypatch):
+    """`cis fit` (one process, 32-bit) computes its gradients without autograd (`CCModule.backward`):
+    the same weights, bit for bit, as the same fit through autograd, with accumulated batches and
+    with gradient clipping too, and for two instances whose bags run in torch."""
+    from cis_lightning.module import CCModule
+
+    results = {}
+    for eager in (False, True):
+        if eager:
+            monkeypatch.undo()
+        else:
+            monkeypatch.setattr(CCModule, "_eager_backward_applies", lambda self: False)
+        args = tiny_args(tmp_path / str(eager), config, steps=12, log_every_n_steps=4)
+        cli = run(["fit", *args, *extra, "--trainer.callbacks+=tests.test_performance.EagerProbe"])
+        probe = _callback(cli, EagerProbe)
+        batches = 12 * (2 if "--trainer.accumulate_grad_batches" in extra else 1)
+        assert probe.eager == [eager] * batches
+        results[eager] = torch.load(Path(cli.trainer.log_dir) / "weights.pt", weights_only=True)
+    for part in ("network", "task"):
+        for name, value in results[True][part].items():
+            assert torch.equal(value, results[False][part][name]), (part, name)
+    assert not cli.model._eager_backward and cli.model._pending_backward is None  # after fit: autograd again
