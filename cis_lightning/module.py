@@ -344,6 +344,11 @@ class CCModule(pl.LightningModule):
     def _watch_finite(self, losses: Tensor) -> None:
         if getattr(self, "_first_nonfinite", None) is None:  # a training step outside fit()
             return
+        # Where the loss runs on the host, reading the K losses waits for no device: a look at them
+        # in Python, and the three operations below only on a non-finite step (they took some 50 to
+        # 80 us of a 1.7 ms step in one fit, ad hoc).
+        if losses.device.type in fused.HOST_PATH_ON and all(map(math.isfinite, losses.tolist())):
+            return
         first = self._first_nonfinite  # steps only grow, so min(first, step) keeps the earliest
         self._first_nonfinite = torch.where(torch.isfinite(losses.detach()), first, first.clamp(max=self.global_step))
 
