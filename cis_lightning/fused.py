@@ -420,12 +420,12 @@ class _OneLayerLoss(torch.autograd.Function):
     def forward(ctx, a, w, r, entries, rows, batch_size, mean):
         # entries: of x, or of its non-empty rows (then rows (K, R) says which sample each row is,
         # B for filler); batch_size: B; mean: return the mean over the batch (K,), rows unused.
+        if entries.lib is not None:  # C reads the numbers only: no detached views needed
+            return _native_forward(ctx, a, w, r, entries, batch_size)
         # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
         # requires grad takes its slower training path: work on detached tensors.
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
-        if entries.lib is not None:
-            return _native_forward(ctx, a, w, r, entries, batch_size)
         value, relu_value = entries.value, entries.relu_value
         h = entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
         q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x), (K (B + 1), m)
@@ -488,7 +488,8 @@ class _OneLayerLoss(torch.autograd.Function):
 
 
 def _native_forward(ctx, a, w, r, entries, batch_size):
-    """The batch mean's forward (`_OneLayerLoss`, a, w, r detached) with its bags in one C call."""
+    """The batch mean's forward (`_OneLayerLoss`) with its bags in one C call; a, w, r as given (C
+    reads their numbers, so they need no detaching)."""
     k, m, n = a.shape
     a_table, w_table = a.transpose(1, 2).reshape(k * n, m), w.reshape(k * n, m)  # `native` makes them dense
     t_table = rt_table = None
@@ -525,8 +526,8 @@ def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
     grad_a = grad_a if ctx.needs_input_grad[0] else None  # (K, m, n), laid out as A
     grad_w = grad_r = None
     if ctx.needs_input_grad[1]:  # 2 W dL/dG - sum_c s ReLU(v_c) h_r, dL/dG = sum_b (g_b / n) h_b h_b^T
-        d_gram = gram_h * (scale / 2)[:, None, None]
-        grad_w = torch.baddbmm(relu_bag.view(k, n, m), w, d_gram, beta=-1, alpha=2)
+        # 2 W dL/dG = W (s H^T H): the factors of 2 cancel exactly (powers of two), one operation fewer.
+        grad_w = torch.baddbmm(relu_bag.view(k, n, m), w, gram_h * scale.view(k, 1, 1), beta=-1)
     if r is not None:
         weight = None
         if ctx.needs_input_grad[2]:

@@ -81,6 +81,13 @@ class CCModule(pl.LightningModule):
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
 
+    Inside fit, in one process at Lightning's plain 32-bit precision and without `compile`, a
+    one-layer network's training step computes its gradients without autograd: `training_step`
+    keeps the fused loss's written-out backward (`evaluation.mean_loss_eager`) and `backward`, the
+    hook Lightning calls with the loss, runs it (the same gradients bit for bit; Lightning's hooks,
+    clipping and accumulation as before). Elsewhere (DDP, mixed precision, other networks) the
+    loss goes through autograd.
+
     `threads`: torch's intra-op threads while training (validation and test keep the process's own,
     and the process gets its own back when fit ends or fails). None: 1 where a training step is
     mostly single-threaded host work, which a second thread only slows down (its spinning worker
@@ -155,7 +162,7 @@ class CCModule(pl.LightningModule):
         # (`backward`), where `_eager_backward_applies`; outside fit, training_step's loss has a graph.
         self._eager_backward = False
         self._pending_backward = None
-        self._loss_gradient: Tensor | None = None
+        self._loss_gradient: tuple[tuple, Tensor] | None = None  # (its setting, the losses' gradient)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets _current_fx_name around every hook it calls, about 44 times a training step,
@@ -275,13 +282,13 @@ class CCModule(pl.LightningModule):
         pending, self._pending_backward = self._pending_backward, None
         if pending is None:
             return super().backward(loss, *args, **kwargs)
-        # The gradient autograd gives the K losses: Lightning's loss is their sum / accumulate_grad_batches.
-        gradient = self._loss_gradient
-        if gradient is None or gradient.shape[0] != self.task.n_instances or gradient.dtype != loss.dtype:
-            normalize = self.trainer.accumulate_grad_batches
-            gradient = torch.ones((), dtype=loss.dtype, device=loss.device).div(normalize)
-            self._loss_gradient = gradient = gradient.expand(self.task.n_instances)
-        pending(gradient)
+        # The gradient autograd gives the K losses: Lightning's loss is their sum / accumulate_grad_batches
+        # (which a GradientAccumulationScheduler may change between epochs), made once per setting.
+        setting = (self.trainer.accumulate_grad_batches, self.task.n_instances, loss.dtype, loss.device)
+        if self._loss_gradient is None or self._loss_gradient[0] != setting:
+            gradient = torch.ones((), dtype=loss.dtype, device=loss.device).div(setting[0])
+            self._loss_gradient = (setting, gradient.expand(setting[1]))
+        pending(self._loss_gradient[1])
 
     def _eager_backward_applies(self) -> bool:
         """Whether training steps may compute their gradients without autograd (`backward`): one
