@@ -13,40 +13,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
+from alternation import Alternation
 
 from cis_lightning.main import run
 
 REPO = Path(__file__).resolve().parents[1]
-START = 200
 
 
-class Alternate(pl.Callback):
-    """Switches the module's eager backward on and off every `segment` steps and times each segment."""
+class Alternate(Alternation):
+    """The gradients through autograd (setting 0) and without it (setting 1), alternately."""
 
-    def __init__(self, segment: int = 100):
-        self.segment = segment
-        self.times: dict[bool, list[float]] = {True: [], False: []}
-        self.eager: bool | None = None
-        self.started = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step < START or step % self.segment:
-            return
-        now = time.perf_counter()
-        if self.eager is not None:
-            self.times[self.eager].append(now - self.started)
-        self.eager = (step // self.segment) % 2 == 0
-        pl_module._eager_backward = self.eager
-        self.started = now
+    def switch(self, trainer, pl_module, which: int) -> None:
+        pl_module._eager_backward = which == 1
 
 
 def compare(config: str, steps: int, segment: int) -> str:
@@ -57,13 +40,10 @@ def compare(config: str, steps: int, segment: int) -> str:
         args += ["--trainer.callbacks+=__main__.Alternate", "--trainer.callbacks.segment", str(segment)]
         cli = run(args)
     timer = next(c for c in cli.trainer.callbacks if isinstance(c, Alternate))
-    eager, autograd = timer.times[True], timer.times[False]
-    pairs = min(len(eager), len(autograd))
-    ratios = [autograd[i] / eager[i] for i in range(pairs)]
+    median, of_sums = timer.ratios()
     return (
-        f"{config}: eager {1e3 * statistics.median(eager) / segment:.3f} ms/step, autograd "
-        f"{1e3 * statistics.median(autograd) / segment:.3f}; autograd / eager: median of {pairs} pairs "
-        f"{statistics.median(ratios):.3f}x, of the sums {sum(autograd[:pairs]) / sum(eager[:pairs]):.3f}x"
+        f"{config}: eager {timer.per_step_ms(1):.3f} ms/step, autograd {timer.per_step_ms(0):.3f}; "
+        f"autograd / eager: median of {timer.pairs()} pairs {median:.3f}x, of the sums {of_sums:.3f}x"
     )
 
 

@@ -13,40 +13,26 @@ shared machine's drift, which moves whole runs by tens of percent, cannot fake.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import lightning.pytorch as pl
+from alternation import Alternation
 from lightning.pytorch.profilers import PassThroughProfiler
 
 from cis_lightning.main import NoProfiler, run
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP = 200
 
 
-class SwapProfiler(pl.Callback):
-    """Every `segment` steps from WARMUP on: the wall time of the segment just ended, then the other profiler."""
+class SwapProfiler(Alternation):
+    """Lightning's default profiler (setting 0) and cis's NoProfiler (setting 1), alternately."""
 
     def __init__(self, segment: int = 100):
-        self.segment = segment
+        super().__init__(segment)
         self.profilers = (PassThroughProfiler(), NoProfiler())
-        self.seconds: tuple[list[float], list[float]] = ([], [])
-        self.current: int | None = None
-        self.started = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step < WARMUP or step % self.segment:
-            return
-        now = time.perf_counter()
-        if self.current is not None:
-            self.seconds[self.current].append(now - self.started)
-        self.current = (step // self.segment) % 2
-        trainer.profiler = self.profilers[self.current]
-        self.started = now
+    def switch(self, trainer, pl_module, which: int) -> None:
+        trainer.profiler = self.profilers[which]
 
 
 def main() -> None:
@@ -80,14 +66,10 @@ def main() -> None:
             ]
         )
     swap = next(c for c in cli.trainer.callbacks if isinstance(c, SwapProfiler))
-    passthrough, none = swap.seconds
-    pairs = min(len(passthrough), len(none))
-    ratio = statistics.median(passthrough[i] / none[i] for i in range(pairs))
-    per_step = [1e6 * statistics.median(s) / options.segment for s in swap.seconds]
-    print(f"{pairs} pairs of {options.segment}-step segments ({cli.trainer.global_step} steps)")
-    print(f"PassThroughProfiler (Lightning's default): {per_step[0]:.0f} us per step")
-    print(f"NoProfiler (cis's default):                {per_step[1]:.0f} us per step")
-    print(f"median of the pairs' step-time ratios, PassThroughProfiler / NoProfiler: {ratio:.3f}")
+    print(f"{swap.pairs()} pairs of {options.segment}-step segments ({cli.trainer.global_step} steps)")
+    print(f"PassThroughProfiler (Lightning's default): {1e3 * swap.per_step_ms(0):.0f} us per step")
+    print(f"NoProfiler (cis's default):                {1e3 * swap.per_step_ms(1):.0f} us per step")
+    print(f"median of the pairs' step-time ratios, PassThroughProfiler / NoProfiler: {swap.ratios()[0]:.3f}")
 
 
 if __name__ == "__main__":
