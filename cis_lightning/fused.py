@@ -95,7 +95,7 @@ def one_layer_mean_loss_eager(
 
     For the training step (`evaluation.mean_loss_eager`, `CCModule.backward`): without an autograd
     node and the engine's pass over it, a core step at the paper's settings was 1.29x as fast, and
-    `cis fit` 1.13x (README, Performance)."""
+    `cis fit` 1.09x to 1.13x (README, Performance)."""
     entries, _ = _entries(x, a.shape[0], a.dtype, mean=True)
     ctx = _EagerContext((needs_grad[0], needs_grad[1], r is not None and needs_grad[2]))
     with torch.no_grad():
