@@ -91,13 +91,19 @@ def one_layer_weights(model: CCModel) -> tuple[Tensor, Tensor] | None:
 
 
 def _loss(model: CCModel, task: Task, x: Tensor | SparseInput, mean: bool) -> Tensor:
+    device = x.row.device.type if isinstance(x, SparseInput) else x.device.type
+    if isinstance(x, SparseInput) and torch.is_autocast_enabled(device):
+        # Mixed precision (Lightning's autocast around a step): the sparse forms run in the model's
+        # dtype, fold included, since autocast would cast some of their products and not the bags.
+        with torch.autocast(device, enabled=False):
+            return _loss(model, task, x, mean)
     weights = one_layer_weights(model) if isinstance(x, SparseInput) else None
     if weights is not None:
         return one_layer_loss(*weights, _label_map(model, task), x, mean=mean)
     if isinstance(x, SparseInput) and model.has_readout_form:
         loss = _readout_loss(model, task, x)
     else:
-        x = to_dense(x)
+        x = to_dense(x).to(task.mixing.dtype)  # the draws are float32; a float64 run's task is not
         y = task.labels(x, residual=model.residual)
         loss = (model(x) - y).pow(2).mean(dim=-1)
     return loss.mean(dim=1) if mean else loss
@@ -212,7 +218,7 @@ def single_feature_loss(model: CCModel, task: Task) -> Tensor:
     name = type(model).__name__
     require(model.homogeneous, "model", f"{name} has biases: its single-feature loss has no closed form")
     n = task.n_features
-    eye = torch.eye(n, device=task.mixing.device)
+    eye = torch.eye(n, device=task.mixing.device, dtype=task.mixing.dtype)
     x = torch.cat([eye, -eye]).expand(task.n_instances, 2 * n, n)
     return per_sample_loss(model, task, x).double().sum(dim=1) / (6 * n)
 
@@ -299,7 +305,7 @@ def exact_strata(model: CCModel) -> tuple[int, ...]:
 @torch.no_grad()
 def exact_losses(model: CCModel, task: Task, strata: Sequence[int]) -> Tensor:
     """E[loss | k active] (len(strata), K) for the exact strata k, in float64."""
-    zero = torch.zeros(task.n_instances, 1, task.n_features, device=task.mixing.device)
+    zero = torch.zeros(task.n_instances, 1, task.n_features, device=task.mixing.device, dtype=task.mixing.dtype)
     rows = {0: lambda: per_sample_loss(model, task, zero).double()[:, 0], 1: lambda: single_feature_loss(model, task)}
     return torch.stack([rows[k]() for k in strata])
 

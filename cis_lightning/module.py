@@ -340,7 +340,7 @@ class CCModule(pl.LightningModule):
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._use_training_threads()
-        self._eager_backward, self._loss_gradient = self._eager_backward_applies(), None
+        self._eager_backward = self._eager_backward_applies()
         steps = self.instance_steps()
         self.trainer.datamodule.train_steps = steps if len(set(steps)) > 1 else None
         # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device

@@ -719,3 +719,37 @@ def test_fit_with_the_eager_backward_trains_the_weights_autograd_trains(tmp_path
         for name, value in results[True][part].items():
             assert torch.equal(value, results[False][part][name]), (part, name)
     assert not cli.model._eager_backward and cli.model._pending_backward is None  # after fit: autograd again
+
+
+@pytest.mark.parametrize("config", ["configs/mlp_gaussian.yaml", "configs/compressed_computation.yaml"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+def test_other_precisions_train_and_validate_through_autograd(tiny, config, precision):
+    """Mixed precision (Lightning's autocast; the fused loss runs in its inputs' dtype inside it) and
+    64-bit training take the autograd backward, and train and validate to finite losses."""
+    probe = "--trainer.callbacks+=tests.test_performance.EagerProbe"
+    args = [*tiny(config, steps=6), "--trainer.precision", precision, "--trainer.val_check_interval", "3", probe]
+    cli = run(["fit", *args])
+    assert _callback(cli, EagerProbe).eager == [False] * 6
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss_per_feature"])
+    expected = torch.float64 if precision == "64-true" else torch.float32
+    assert all(p.dtype == expected for p in cli.model.network.parameters())
+
+
+class FailAtStep(pl.Callback):
+    """Raises at the start of step 3, after noting whether the step before used the eager backward."""
+
+    seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            FailAtStep.seen.update(module=pl_module, eager=pl_module._eager_backward)
+            raise RuntimeError("stopped by the test")
+
+
+def test_a_failed_fit_gives_training_steps_their_autograd_graph_back(tiny):
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        failing = "--trainer.callbacks+=tests.test_performance.FailAtStep"
+        run(["fit", *tiny("configs/mlp_clean.yaml", steps=10), failing])
+    assert FailAtStep.seen["eager"] is True  # during fit
+    assert FailAtStep.seen["module"]._eager_backward is False  # after the failure (`leave_training`)
