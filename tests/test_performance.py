@@ -67,6 +67,23 @@ def test_the_fold_uses_the_loaded_embedding():
     assert torch.allclose(b(x), a.forward_direct(x), atol=1e-5)
 
 
+def test_the_bench_compares_the_residual_model_with_an_mlp_on_exactly_its_labels(tiny):
+    """`make bench` reads the residual model's step time against `cis fit` of mlp_embedding.yaml as the
+    same math without the embedding: that MLP's labels' linear part sigma M is the residual model's
+    I - W_E W_E^T (the same W_E at seed 0), the loss both train on has the same labels' map, and the
+    two differ only in that the residual model folds W_E into its weights."""
+    residual = run(["fit", *tiny("configs/compressed_computation.yaml", steps=1)]).model
+    mlp = run(["fit", *tiny("configs/mlp_embedding.yaml", steps=1)]).model
+    assert isinstance(residual.network, ResidualMLP) and type(mlp.network) is MLP
+    assert (residual.network.d_embed, mlp.task.instances[0].mixing.d_embed) == (1000, 1000)
+    assert torch.equal(mlp.task.scaled_mixing(), residual.network.effective_mixing())
+    assert torch.equal(
+        evaluation._label_map(mlp.network, mlp.task), evaluation._label_map(residual.network, residual.task)
+    )
+    x = residual.task.draw(64, step=0)
+    assert torch.equal(x.dense(), mlp.task.draw(64, step=0).dense())  # the same inputs too
+
+
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_a_sparse_draw_is_exactly_the_dense_sample(rank):
     task = Task([Instance(seed=3), Instance(feature_probability=0.05, seed=4)], 30)
