@@ -256,22 +256,25 @@ def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "residual"])
+@pytest.mark.parametrize("task_name", ["clean", "learned sigma, symmetric M"])
 @pytest.mark.parametrize("path", ["host", "host, single-feature samples merged", "device"])
 @pytest.mark.parametrize("p", [(0.1, 0.05), (0.1, 0.0)])
 def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and_gradients(
-    network_name, path, p, monkeypatch
+    network_name, task_name, path, p, monkeypatch
 ):
-    """`mean_loss` (the fused loss's mean, whose backward spreads grad_k / B over the rows itself)
-    against per_sample_loss(...).mean(1), with a frozen (empty) instance and a rank's padding entries,
-    on the CPU's host path (with and without merging single-feature samples, which a batch this
-    small would not do by itself) and on the path other devices take."""
+    """`mean_loss` (the fused loss's mean, whose backward spreads grad_k / B over the rows itself, and
+    whose sum of h_b . q_b comes from the backward's bags by feature) against per_sample_loss(...).mean(1),
+    with a frozen (empty) instance and a rank's padding entries, on the CPU's host path (with and
+    without merging single-feature samples, which a batch this small would not do by itself) and on
+    the path other devices take; labels without a linear part (the clean MLP), with a fixed one (the
+    residual model's I - W_E W_E^T) and with learned sigmas."""
     monkeypatch.setattr(fused_module, "HOST_PATH_ON", () if path == "device" else ("cpu",))
     monkeypatch.setattr(fused_module, "MERGE_SINGLE_FROM", 0 if "merged" in path else 10**9)
     model = _perturbed(NETWORKS[network_name]())
-    task = TASKS["learned sigma, symmetric M"](False).double()
+    task = TASKS[task_name](False).double()
     x = task.draw(300, step=4, rank=1, world_size=3, feature_probability=list(p))
     x.value = x.value.double()
-    params = list(model.parameters()) + [task.sigma]
+    params = [q for q in [*model.parameters(), task.sigma] if q.requires_grad]
     mean, per_sample = evaluation.mean_loss(model, task, x), per_sample_loss(model, task, x).mean(dim=1)
     assert mean.shape == (2,) and (mean[1] == 0) == (p[1] == 0)
     assert torch.allclose(mean, per_sample, atol=1e-14)
