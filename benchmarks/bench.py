@@ -442,7 +442,7 @@ def main() -> None:
 
     # Training: the measurements alternate, so that a slow phase of the machine hits all of them.
     k16_steps = max(s // 4, 50)
-    ref, mlp, residual, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], [], []
+    ref, mlp, compiled, k16, core, core8, mlp8, bare = [], [], [], [], [], [], [], []
     ref_one_thread = []
     bare_quiet = []
     k16_unmerged, core_merged, k16_compiled_draw = [], [], []

@@ -436,21 +436,21 @@ class _OneLayerLoss(torch.autograd.Function):
         value, relu_value = entries.value, entries.relu_value
         h = entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
         q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x), (K (B + 1), m)
+        # u_sq: ||u_b||^2 per row, or for a mean its sum over each instance's rows (K,).
         u = t = None
         if r is None:
-            u_sq = entries.u_sq
+            u_sq = entries.u_sq.view(k, -1).sum(dim=1) if mean else entries.u_sq
         else:
             t = torch.bmm(r.transpose(1, 2), w)  # T = R^T W (K, n, m)
             q += entries.sum_by_row(t.view(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
-            # ||u_b||^2, or for a mean its sum over each instance's rows: a norm reads u once, where a
-            # vecdot writes the products first (0.63 against 2.0 ms for K = 82's 63,058 rows, ad hoc).
+            # For a mean a norm reads u once, where a vecdot writes the products first (0.63 against
+            # 2.0 ms for K = 82's 63,058 rows, ad hoc).
             u_sq = _sum_of_squares(u.view(k, -1)) if mean else torch.linalg.vecdot(u, u)
         q = q.view(k, -1, m)
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         if mean:
-            u_sq = u_sq if u is not None else u_sq.view(k, -1).sum(dim=1)  # sum_b ||u_b||^2 (K,)
             # sum_b h_b . q_b = <W, P> + <T, V> with the backward's bags by feature P = sum_c ReLU(v_c)
             # e_f h_r^T and V = sum_c v_c e_f h_r^T, made here instead: two (K, n m) dot products for
             # one over (K, B, m) (1.7 ms at K = 82, where h and q do not fit in the caches).
