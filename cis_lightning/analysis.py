@@ -163,8 +163,8 @@ class EntryFit:
     """Least-squares fits of the entries of P = W_out W_in against those of M, all (K,).
 
     Off-diagonal: P_ij = slope M_ij through 0; correlation is their Pearson correlation.
-    Diagonal: P_ii = diag_slope M_ii + diag_intercept. If M's diagonal is constant (the paper's
-    M has a zero diagonal) the slope is undefined: NaN, and the intercept is the mean of P_ii.
+    Diagonal: P_ii = diag_slope M_ii + diag_intercept. If M's diagonal is constant (a zero-diagonal
+    M, an option; the authors keep it) the slope is undefined: NaN, and the intercept is the mean of P_ii.
     """
 
     offdiag_slope: Tensor

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -169,6 +170,40 @@ def target_matrix(task: Task) -> Tensor:
     return eye + task.scaled_mixing().detach().double()
 
 
+Orientation = Literal["direct", "authors"]
+ORIENTATIONS: tuple[str, ...] = get_args(Orientation)
+
+
+def oriented_target(task: Task, orientation: Orientation) -> Tensor:
+    """The matrix a factor baseline implements: A = I + sigma M ("direct"), or A^T = I + sigma M^T ("authors").
+
+    The authors' code stores a factorisation A ~ U V as w_in = U, w_out = V of a row-convention MLP
+    (x @ w_in @ w_out), which computes (U V)^T x: their SVD and semi-NMF models implement I + sigma M^T
+    (`paper_code/nb3_svd_nmf.py`, `nb8_test_baselines.py`). For a symmetric M the two agree; for an
+    asymmetric M only "direct" matches the labels ReLU(x) + sigma M x.
+    """
+    target = target_matrix(task)
+    return target if orientation == "direct" else target.transpose(1, 2).contiguous()
+
+
+class FactorBaseline(Baseline):
+    """A baseline whose W_out W_in is a factorisation of `oriented_target` (SVD, semi-NMF)."""
+
+    def __init__(
+        self, n_features: int = 100, d_mlp: int = 50, seeds: Sequence[int] = (0,), orientation: Orientation = "direct"
+    ):
+        super().__init__(n_features, d_mlp, seeds)
+        require(
+            orientation in ORIENTATIONS,
+            "model.network.init_args.orientation",
+            f"must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}",
+        )
+        self.orientation = orientation
+
+    def describe_instance(self, k: int) -> dict:
+        return {"orientation": self.orientation}
+
+
 def flip_to_positive(w_in: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
     """Flip neuron i (row i of W_in, column i of W_out) where its largest-magnitude input weight is negative.
 
@@ -185,11 +220,12 @@ def svd_factors(target: Tensor, d_mlp: int) -> tuple[Tensor, Tensor]:
     return flip_to_positive(s[:, :d_mlp, None] * vh[:, :d_mlp], u[:, :, :d_mlp])
 
 
-class SVD(Baseline):
-    """W_out W_in = the rank-d_mlp SVD truncation of A = I + sigma M, with the signs of `flip_to_positive`."""
+class SVD(FactorBaseline):
+    """W_out W_in = the rank-d_mlp SVD truncation of `oriented_target` (I + sigma M by default), with the
+    signs of `flip_to_positive`."""
 
     def build(self, task: Task) -> tuple[Tensor, Tensor]:
-        w_in, w_out = svd_factors(target_matrix(task), self.d_mlp)
+        w_in, w_out = svd_factors(oriented_target(task, self.orientation), self.d_mlp)
         return w_in.float(), w_out.float()
 
 
@@ -225,25 +261,33 @@ def semi_nmf(target: Tensor, d_mlp: int, iterations: int = 500) -> tuple[Tensor,
         torch.set_num_threads(threads)
 
 
-class SemiNMF(Baseline):
-    """W_out W_in ~ I + sigma M with W_in >= 0 (`semi_nmf`): exact for single positive features when
-    the factorisation is, and blind to negative inputs. Records the relative error |A - W_out W_in| / |A|."""
+class SemiNMF(FactorBaseline):
+    """W_out W_in ~ `oriented_target` (I + sigma M by default) with W_in >= 0 (`semi_nmf`): exact for single
+    positive features when the factorisation is, and blind to negative inputs. Records the relative error
+    |A - W_out W_in| / |A|."""
 
-    def __init__(self, n_features: int = 100, d_mlp: int = 50, seeds: Sequence[int] = (0,), iterations: int = 500):
-        super().__init__(n_features, d_mlp, seeds)
+    def __init__(
+        self,
+        n_features: int = 100,
+        d_mlp: int = 50,
+        seeds: Sequence[int] = (0,),
+        iterations: int = 500,
+        orientation: Orientation = "direct",
+    ):
+        super().__init__(n_features, d_mlp, seeds, orientation)
         check_sizes(**{"model.network.init_args.iterations": iterations})
         self.iterations = iterations
         self.register_buffer("reconstruction_error", torch.zeros(self.n_instances))
 
     def build(self, task: Task) -> tuple[Tensor, Tensor]:
-        target = target_matrix(task)
+        target = oriented_target(task, self.orientation)
         w_in, w_out = semi_nmf(target, self.d_mlp, self.iterations)
         error = torch.linalg.matrix_norm(target - w_out @ w_in) / torch.linalg.matrix_norm(target)
         self.reconstruction_error.copy_(error)
         return w_in.float(), w_out.float()
 
-    def describe_instance(self, k: int) -> dict[str, float]:
-        return {"reconstruction_error": float(self.reconstruction_error[k])}
+    def describe_instance(self, k: int) -> dict:
+        return super().describe_instance(k) | {"reconstruction_error": float(self.reconstruction_error[k])}
 
 
 BASELINES = (Zero, Naive, NaiveOffset, SVD, SemiNMF)
@@ -252,12 +296,14 @@ __all__ = [
     "BASELINES",
     "SVD",
     "Baseline",
+    "FactorBaseline",
     "Naive",
     "NaiveOffset",
     "SemiNMF",
     "Zero",
     "flip_to_positive",
     "offset_scan",
+    "oriented_target",
     "semi_nmf",
     "svd_factors",
     "target_matrix",

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset
 from cis_lightning.errors import check_sizes, require
 from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata, samples_for
 from cis_lightning.mixing import Mixing
-from cis_lightning.task import Instance, Stream, Task, expand_grid, training_instances
+from cis_lightning.task import Instance, Stream, Task, expand_grid, training_instances, with_distinct_mixing
 
 
 class _Steps(IterableDataset):
@@ -75,8 +75,10 @@ class CCDataModule(pl.LightningDataModule):
 
     One instance by default; `grid` maps instance fields (sigma, feature_probability, seed,
     learn_sigma, mixing.<option>) to lists of values, and their cartesian product gives the
-    instances. `batch_size` is the global batch, shared by all ranks. Evaluation uses about
-    `eval_nonempty_samples` non-empty samples per instance.
+    instances. Every instance draws M from its data seed, so instances that share a seed share M;
+    `distinct_mixing` gives each instance of the grid an M of its own (`task.with_distinct_mixing`),
+    keeping the data and initialisation streams. `batch_size` is the global batch, shared by all
+    ranks. Evaluation uses about `eval_nonempty_samples` non-empty samples per instance.
 
     Validation and test are stratified by the number of active features (`evaluation.plan_strata`):
     the strata in `exact_strata` (the empty sample, and the single-feature one for a bias-free model;
@@ -110,6 +112,7 @@ class CCDataModule(pl.LightningDataModule):
         eval_nonempty_samples: int = 1_000_000,
         eval_batch_size: int = 65536,
         grid: dict[str, list[Any]] | None = None,
+        distinct_mixing: bool = False,
         shard: str | None = None,
         compile: bool = False,
     ):
@@ -134,7 +137,13 @@ class CCDataModule(pl.LightningDataModule):
         # T_k: instance k's training batches are empty from step T_k on, where its learning rate is 0
         # (the module sets it for equal_nonempty_samples), so that frozen instances cost no draws.
         self.train_steps: list[int] | None = None
-        self.task = Task(select_shard(expand_grid(base, grid), shard), n_features, exactly_one_active)
+        require(
+            isinstance(distinct_mixing, bool), "data.distinct_mixing", f"must be true or false, got {distinct_mixing!r}"
+        )
+        instances = expand_grid(base, grid)
+        if distinct_mixing:
+            instances = with_distinct_mixing(instances)
+        self.task = Task(select_shard(instances, shard), n_features, exactly_one_active)
 
     @property
     def seeds(self) -> list[int]:

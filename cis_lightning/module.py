@@ -38,6 +38,11 @@ from cis_lightning.task import Task, nonempty_steps, training_instances
 _NEVER = torch.iinfo(torch.int64).max
 
 
+def instance_tag(k: int) -> str:
+    """The TensorBoard tag of instance k's training L / p in a run of several instances."""
+    return f"train/loss_per_feature/instance_{k}"
+
+
 class TrainingDiverged(RuntimeError):
     """A loss or weight became NaN or infinite; the message names the step and the instances."""
 
@@ -69,7 +74,8 @@ class CCModule(pl.LightningModule):
     decay included). The sparsest instance runs the whole max_steps; instance k is the same model
     as a one-instance run with max_steps = T_k. A frozen instance's training batches are empty (it
     draws nothing, and the run's draw follows the densest instance still training), and the logged
-    train/loss averages over the instances still training.
+    train/loss averages over the instances still training; a run of K > 1 instances also logs each
+    instance's training L / p as train/loss_per_feature/instance_k (`instance_tag`).
 
     `init_from`: a checkpoint (Lightning .ckpt or weights.pt) whose network weights initialise this
     network before any stage (a resumed or tested checkpoint still overrides them); for fine-tuning
@@ -98,8 +104,10 @@ class CCModule(pl.LightningModule):
     products with d_embed = 1000) and two or more instances ran faster on two threads (README,
     Performance). Otherwise None leaves torch's setting as it is.
 
-    `sigma_lr`: the learning rate of a learned sigma (data.learn_sigma; None: `lr`), in its own
-    param group with no weight decay, annealed by the same cosine (and per-instance schedule). Adam
+    `sigma_lr`, `sigma_weight_decay`: the learning rate and weight decay of a learned sigma
+    (data.learn_sigma; None: `lr` and `weight_decay`), in its own param group of the same AdamW,
+    annealed by the same cosine (and per-instance schedule). The authors train sigma in the weights'
+    AdamW, decay included (`paper_code/mlpinsoup.py`, `train`): the defaults do the same. Adam
     moves a parameter by about its learning rate per step whatever its gradient's scale, so at
     lr = 3e-3 a sigma of 0.03 falls below 0.008 within 25 steps, before the network uses M; for a
     Gaussian M it recovers only after thousands of steps (README, "Learned sigma"). A smaller
@@ -116,6 +124,7 @@ class CCModule(pl.LightningModule):
         test_feature_probabilities: list[float] | None = None,
         compile: bool = False,
         sigma_lr: float | None = None,
+        sigma_weight_decay: float | None = None,
         threads: int | None = None,
     ):
         super().__init__()
@@ -135,6 +144,16 @@ class CCModule(pl.LightningModule):
             f"must be a number > 0 or null (the model's lr), got {sigma_lr!r}",
         )
         require(
+            sigma_weight_decay is None
+            or (
+                isinstance(sigma_weight_decay, (int, float))
+                and math.isfinite(sigma_weight_decay)
+                and sigma_weight_decay >= 0
+            ),
+            "model.sigma_weight_decay",
+            f"must be a number >= 0 or null (the model's weight_decay), got {sigma_weight_decay!r}",
+        )
+        require(
             threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
             "model.threads",
             f"must be an integer >= 1 or null (automatic), got {threads!r}",
@@ -145,6 +164,7 @@ class CCModule(pl.LightningModule):
         self.lr = lr
         self.sigma_lr = lr if sigma_lr is None else sigma_lr
         self.weight_decay = weight_decay
+        self.sigma_weight_decay = weight_decay if sigma_weight_decay is None else sigma_weight_decay
         self.equal_nonempty_samples = equal_nonempty_samples
         self._steps_for: tuple[int | None, list[int]] = (None, [])  # (max_steps, T_k): `instance_steps`
         self.init_from = init_from
@@ -213,7 +233,8 @@ class CCModule(pl.LightningModule):
         if self.task.sigma.requires_grad:
             # CosineAnnealingLR scales each group from its own initial lr; optimizer_step's
             # per-instance factor lr_k(t) / lr(t) is the same for both groups.
-            groups.append({"params": [self.task.sigma], "lr": self.sigma_lr, "weight_decay": 0.0})
+            sigma_group = {"params": [self.task.sigma], "lr": self.sigma_lr, "weight_decay": self.sigma_weight_decay}
+            groups.append(sigma_group)
         # torch's fused AdamW (one kernel for all parameters, torch >= 2.4 on CPU and CUDA), stepped
         # with less Python per step (`cis_lightning.optim`).
         optimizer = AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
@@ -270,6 +291,9 @@ class CCModule(pl.LightningModule):
             # long after they were logged, which is a host sync per step.
             self.log("train/loss", losses.mean(), on_step=True)
             self.log("train/loss_per_feature", (losses / p).mean(), on_step=True)
+            if self.task.n_instances > 1:  # each instance's own curve (the transplant figure splices them)
+                per_instance = dict(zip(map(instance_tag, training), (losses / p).unbind(), strict=True))
+                self.log_dict(per_instance, on_step=True)
             if self.task.sigma.requires_grad:
                 self.log("train/sigma", self.task.sigma_value().mean(), on_step=True)
         return losses.sum()

@@ -40,6 +40,50 @@ EXPERIMENTS = (
     "rank_study",
     "transplant",
 )
+# The authors' script each experiment follows (Stefan-Heimersheim/toy-model-of-computation-in-superposition,
+# paper_code/), and every deliberate deviation from it with its reason.
+COMMON_DEVIATIONS = [
+    "evaluation by our stratified evaluator at about 10^6 non-empty samples per point (exact where a "
+    "closed form exists) instead of dense batches; at most 10 evaluation p instead of 100 (cost)",
+]
+SOURCES: dict[str, tuple[str, list[str]]] = {
+    "sigma_sweep": ("nb2_noise_equivalence.py", ["the authors evaluate the sweep with 10^7-10^8 samples (cost)"]),
+    "sparsity_regimes": (
+        "nb1_sparsity_regimes.py",
+        ["the ten models train in one run (K = 10), each on its own cosine schedule of 10,000 / q steps"],
+    ),
+    "mixing_comparison": (
+        "nb2_noise_equivalence.py",
+        [
+            "the embedding-like M in both signs: the authors' W_E W_E^T - I (their figure) and the residual "
+            "model's own I - W_E W_E^T (docs/derivation.md)"
+        ],
+    ),
+    "eigen_alignment": ("nb3_svd_nmf.py", []),
+    "offset_baseline": ("nb4_bias_strength.py", []),
+    "semi_nmf": (
+        "nb3_svd_nmf.py, nb8_test_baselines.py",
+        [
+            "our own semi-NMF (SVD start, exact least squares for W_out, projected gradient for W_in >= 0) "
+            "instead of sklearn's NMF start; no sklearn dependency",
+            "both orientations of the SVD and semi-NMF baselines: the authors' factor assignment implements "
+            "I + sigma M^T ('authors'), the labels need I + sigma M ('direct')",
+            "the trained comparison (semi_nmf_trained.yaml) at batch 2048 and the paper's 10,000 steps",
+        ],
+    ),
+    "rank_study": (
+        "nb6_mixing_matrix_rank_jb.py",
+        ["x axis: the measured effective rank of each M (the authors place the points at 80, 60, 40, 30, 20)"],
+    ),
+    "transplant": (
+        "nb2_noise_equivalence.py (second half)",
+        [
+            "each curve is one model's training, then its own fine-tune (the authors' figure joins the "
+            "asymmetric-Gaussian model's curve to the embedding model's fine-tune)",
+            "the training loss is logged every 50 steps (Lightning's default), averaged over a window of 10 logs",
+        ],
+    ),
+}
 CONFIGS = Path("configs/experiments")
 NAIVE = naive_loss_per_feature(100, 50)
 
@@ -76,7 +120,7 @@ def find_runs(directories: list[Path]) -> list[Run]:
     newest of each model, so that a rerun replaces the runs it repeats instead of joining them."""
     newest: dict[tuple[Path, str], Run] = {}
     for run in _all_runs(directories):
-        slot = (run.directory.parent.resolve(), run.model)
+        slot = (run.directory.parent.resolve(), run.model, _slot_orientation(run))
         if slot not in newest or _version(run.directory) > _version(newest[slot].directory):
             newest[slot] = run
     return sorted(newest.values(), key=lambda run: (str(run.directory.parent), _version(run.directory)))
@@ -86,6 +130,10 @@ def _version(directory: Path) -> tuple[int, float]:
     """Lightning's version number N of a version_N directory (-1 otherwise), then its results' time."""
     match = re.fullmatch(r"version_(\d+)", directory.name)
     return (int(match.group(1)) if match else -1, (directory / "results.csv").stat().st_mtime)
+
+
+def _slot_orientation(run: Run) -> str:
+    return str(run.rows[0].get("orientation", "")) if run.rows else ""
 
 
 def _all_runs(directories: list[Path]) -> list[Run]:
@@ -141,6 +189,13 @@ class Section:
     claims: list[tuple[str, bool, str]]  # (claim, supported, numbers)
 
 
+def source_lines(name: str) -> list[str]:
+    """The authors' script an experiment follows and its deviations, as the first lines of its section."""
+    script, deviations = SOURCES[name]
+    lines = [f"Follows the authors' `paper_code/{script}`. Deviations:", ""]
+    return lines + [f"- {d}" for d in deviations + COMMON_DEVIATIONS] + [""]
+
+
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -192,7 +247,7 @@ def _crossover(rows_by_p: list[dict]) -> tuple[str, bool, str] | None:
 
 def sigma_sweep(runs: list[Run], figures: Path) -> Section:
     rows = [r for run in runs if run.model == "MLP" for r in run.rows]
-    lines, claims = [], []
+    lines, claims = source_lines("sigma_sweep"), []
     fig = plots.loss_against_sigma_figure(rows, NAIVE)
     lines.append(f"![L/p against sigma]({_save(fig, _png(figures, 'sigma_sweep'))})")
     best = {}
@@ -244,7 +299,7 @@ def _participation(weights: Path | None) -> list[float]:
 
 def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
     run = next((r for r in runs if r.model == "MLP"), None)
-    lines, claims = [], []
+    lines, claims = source_lines("sparsity_regimes"), []
     if run is None:
         return Section("Sparsity regimes (`sparsity_regimes.yaml`)", ["(no run)"], [])
     fig = plots.loss_against_eval_p_figure(run.rows_by_p, run.rows, NAIVE, ylim=(0, 0.2))
@@ -268,7 +323,8 @@ def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
     sparse, dense = rows[0], rows[-1]
     crossover = _crossover([r for r in run.rows_by_p if r["p"] == sparse["p"]])
     if crossover:
-        claims.append((f"Trained at p = {sparse['p']:g} with a symmetric M, {crossover[0]}", *crossover[1:]))
+        label = f"{sparse.get('mixing', '?')} M, sigma {sparse.get('sigma', float('nan')):g}"
+        claims.append((f"Trained at p = {sparse['p']:g} with a {label}, {crossover[0]}", *crossover[1:]))
     if spread:
         claims.append(
             (
@@ -282,15 +338,30 @@ def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
     return Section("Sparsity regimes (`sparsity_regimes.yaml`)", lines, claims)
 
 
+EMBEDDING_SIGNS_NOTE = (
+    "embedding(WWt-I) is the authors' M = W_E W_E^T - I, the one their figure shows; embedding(I-WWt) is "
+    "I - W_E W_E^T, the mixing matrix the residual model actually adds (docs/derivation.md). They are "
+    "negatives of each other: the eigenvalues of (M + M^T)/2 change sign, so the directions that the "
+    "labels amplify in one are the ones they shrink in the other, and a 50-neuron ReLU MLP can exploit "
+    "the two to different degrees."
+)
+
+
 def mixing_comparison(runs: list[Run], figures: Path) -> Section:
     run = next((r for r in runs if r.model == "MLP"), None)
     if run is None:
         return Section("Mixing matrices (`mixing_comparison.yaml`)", ["(no run)"], [])
-    lines = _table(
-        run.rows, ["mixing", "sigma", "configured_sigma", "p", "loss_per_feature", "loss_per_feature_stderr"]
+    lines = source_lines("mixing_comparison")
+    lines += _table(
+        run.rows,
+        ["mixing", "learn_sigma", "sigma", "configured_sigma", "p", "loss_per_feature", "loss_per_feature_stderr"],
     )
-    lines.append("")
-    lines.append("sigma is the learned value (configured_sigma its start).")
+    lines += [
+        "",
+        "sigma is the learned value where learn_sigma (configured_sigma its start).",
+        "",
+        EMBEDDING_SIGNS_NOTE,
+    ]
     if run.rows_by_p:
         fig, ax = _figure()
         for mixing in dict.fromkeys(r["mixing"] for r in run.rows_by_p):
@@ -301,20 +372,21 @@ def mixing_comparison(runs: list[Run], figures: Path) -> Section:
         lines.append(f"![L/p by mixing]({_save(fig, _png(figures, 'mixing_comparison'))})")
     by = {r["mixing"]: r for r in run.rows}
     claims = []
-    for mixing in ("embedding", "gaussian(sym)"):
+    for mixing in ("embedding(WWt-I)", "embedding(I-WWt)", "gaussian(sym)"):
         crossover = _crossover([r for r in run.rows_by_p if r["mixing"] == mixing])
         if crossover:
             claims.append((f"With the {mixing} M (trained at p = 0.01), {crossover[0]}", *crossover[1:]))
-    if "none" in by and "embedding" in by:
-        clean, embed = by["none"], by["embedding"]
-        claims.append(
-            (
-                f"With M = 0 the trained model is no better than naive (within {NO_BETTER_WITHIN:.0%}) at small p; "
-                "with the embedding-like M it beats naive",
-                _no_better(clean, NAIVE) and _below(embed, NAIVE),
-                f"p = 0.01: clean {_lpf(clean)}, embedding-like {_lpf(embed)}, naive {NAIVE:.4f}",
+    for embedding in ("embedding(WWt-I)", "embedding(I-WWt)"):
+        if "none" in by and embedding in by:
+            clean, embed = by["none"], by[embedding]
+            claims.append(
+                (
+                    f"With M = 0 the trained model is no better than naive (within {NO_BETTER_WITHIN:.0%}) at small "
+                    f"p; with the {embedding} M it beats naive",
+                    _no_better(clean, NAIVE) and _below(embed, NAIVE),
+                    f"p = 0.01: clean {_lpf(clean)}, {embedding} {_lpf(embed)}, naive {NAIVE:.4f}",
+                )
             )
-        )
     if "gaussian(sym)" in by and "gaussian" in by:
         claims.append(
             (
@@ -327,27 +399,40 @@ def mixing_comparison(runs: list[Run], figures: Path) -> Section:
 
 
 def eigen_alignment(runs: list[Run], figures: Path) -> Section:
-    from cis_lightning.analysis import eigen_alignment as alignment
+    from cis_lightning.analysis import eigen_alignment as eigen_cos
+    from cis_lightning.analysis import entry_fit, svd_alignment
 
     run = next((r for r in runs if r.model == "MLP" and r.weights is not None and r.weights.is_file()), None)
     if run is None:
         return Section("Eigen-subspace alignment (`eigen_alignment.yaml`)", ["(no run)"], [])
     state = read_checkpoint(run.weights, field="report", lightning=False)
     w_in, w_out = state["network"]["w_in"], state["network"]["w_out"]
-    sigma = state["task"]["sigma"].abs()
-    cos = alignment(w_in, w_out, sigma[:, None, None] * state["task"]["mixing"])[0]
+    m = state["task"]["sigma"].abs()[:, None, None] * state["task"]["mixing"]
+    cos_eig, cos_svd = eigen_cos(w_in, w_out, m)[0], svd_alignment(w_in, w_out, m)[0]
+    fit = entry_fit(w_in, w_out, m)
     h = w_in.shape[1]
-    top, rest = cos[:h].mean().item(), cos[h:].mean().item()
     fig, ax = _figure()
-    ax.plot(range(len(cos)), cos.tolist(), ".")
+    ax.plot(range(len(cos_eig)), cos_eig.tolist(), ".", label="cos(E_i, W_out W_in E_i), eigenvectors of (M+M^T)/2")
+    ax.plot(range(len(cos_svd)), cos_svd.tolist(), ".", label="cos(U_i, W_out W_in V_i), SVD of I + M")
     ax.axvline(h - 0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set(
-        xlabel="eigenvector index i (descending eigenvalue)",
-        ylabel="cos(E_i, W_out W_in E_i)",
-        title="Eigen-subspace alignment",
-    )
-    lines = [f"![alignment]({_save(fig, _png(figures, 'eigen_alignment'))})", ""]
+    ax.set(xlabel="index i (descending eigen- / singular value)", ylabel="cosine", title="Eigen-subspace alignment")
+    ax.legend(fontsize=6)
+    lines = source_lines("eigen_alignment")
+    lines += [f"![alignment]({_save(fig, _png(figures, 'eigen_alignment'))})", ""]
     lines += _table(run.rows, ["mixing", "sigma", "p", "loss_per_feature", "loss_per_feature_stderr"])
+    summary = {
+        name: (cos[:h].mean().item(), cos[h:].mean().item()) for name, cos in (("eig", cos_eig), ("svd", cos_svd))
+    }
+    lines += [
+        "",
+        f"Mean cosine over i < {h} and i >= {h}: eigenvectors {summary['eig'][0]:.3f} / {summary['eig'][1]:.3f}; "
+        f"singular vectors {summary['svd'][0]:.3f} / {summary['svd'][1]:.3f}.",
+        "",
+        f"Entries of W_out W_in against sigma M: off-diagonal slope through 0 {fit.offdiag_slope[0].item():.3f} "
+        f"(correlation {fit.offdiag_correlation[0].item():.3f}); diagonal line: slope {fit.diag_slope[0].item():.3f}, "
+        f"intercept {fit.diag_intercept[0].item():.3f}.",
+    ]
+    top, rest = summary["eig"]
     claims = [
         (
             "W_out W_in captures the top ~d_mlp eigenvectors of the symmetric part of M and ignores the rest",
@@ -361,7 +446,7 @@ def eigen_alignment(runs: list[Run], figures: Path) -> Section:
 def offset_baseline(runs: list[Run], figures: Path) -> Section:
     offset = next((r for r in runs if r.model == "NaiveOffset"), None)
     trained = next((r for r in runs if r.model == "MLP"), None)
-    lines, claims = [], []
+    lines, claims = source_lines("offset_baseline"), []
     if offset is None:
         return Section("Naive + offset (`offset_baseline.yaml`)", ["(no run)"], [])
     rows = sorted(offset.rows, key=lambda r: r["p"])
@@ -413,45 +498,89 @@ def offset_baseline(runs: list[Run], figures: Path) -> Section:
     return Section("Naive + offset (`offset_baseline.yaml`)", lines, claims)
 
 
+def _variant(run: Run) -> str:
+    """A baseline run's legend: its model and, for a factor baseline, its orientation."""
+    orientation = run.rows[0].get("orientation") if run.rows else None
+    return f"{run.model} ({orientation})" if orientation else run.model
+
+
 def semi_nmf(runs: list[Run], figures: Path) -> Section:
-    lines, claims = [], []
-    fig, ax = _figure()
-    by_model = {run.model: run for run in runs}
-    for model, run in by_model.items():
-        plots.loss_errorbars(ax, run.rows, "configured_sigma", model, marker=".")
-    plots.naive_line(ax, NAIVE)
-    ax.set(xlabel="sigma", ylabel="L / p", title="Exactly one active feature: baselines vs trained")
-    ax.legend(fontsize=7)
-    lines.append(f"![semi-NMF]({_save(fig, _png(figures, 'semi_nmf'))})")
-    table = []
-    for model, run in by_model.items():
-        for row in run.rows:
-            table.append(
-                {
-                    "model": model,
-                    "sigma": row["configured_sigma"],
-                    "L/p": _lpf(row),
-                    "reconstruction_error": row.get("reconstruction_error", ""),
-                }
-            )
-    lines += _table(
-        sorted(table, key=lambda r: (r["sigma"], r["model"])), ["model", "sigma", "L/p", "reconstruction_error"]
-    )
-    nmf, mlp = by_model.get("SemiNMF"), by_model.get("MLP")
-    if nmf:
-        small = [r for r in nmf.rows if 0 < r["configured_sigma"] <= 0.02]
-        claim = all(_below(r, NAIVE) for r in small)
-        numbers = "; ".join(f"sigma {r['configured_sigma']:g}: {_lpf(r)}" for r in small)
-        if mlp:
-            trained = {r["configured_sigma"]: r for r in mlp.rows}
-            claim = claim and all(
-                _below(trained[r["configured_sigma"]], r) for r in small if r["configured_sigma"] in trained
-            )
-            numbers += "; trained: " + "; ".join(
-                f"sigma {s:g}: {_lpf(t)}" for s, t in sorted(trained.items()) if 0 < s <= 0.02
-            )
-        claims.append(("The semi-NMF baseline beats naive for small sigma but not the trained model", claim, numbers))
-    return Section("Semi-NMF baseline (`semi_nmf.yaml`)", lines, claims)
+    one_active = [r for r in runs if r.experiment == "semi_nmf"]
+    bernoulli = [r for r in runs if r.experiment == "semi_nmf_trained"]
+    lines, claims = source_lines("semi_nmf"), []
+    by_variant = {_variant(run): run for run in one_active}
+    if by_variant:
+        fig, ax = _figure()
+        for variant, run in by_variant.items():
+            plots.loss_errorbars(ax, run.rows, "configured_sigma", variant, marker=".")
+        plots.naive_line(ax, NAIVE)
+        ax.set(xlabel="sigma", ylabel="L / p", title="Exactly one active feature, asymmetric M: baselines")
+        ax.legend(fontsize=7)
+        lines.append(f"![semi-NMF]({_save(fig, _png(figures, 'semi_nmf'))})")
+        table = [
+            {
+                "model": variant,
+                "sigma": row["configured_sigma"],
+                "L/p": _lpf(row),
+                "reconstruction_error": row.get("reconstruction_error", ""),
+            }
+            for variant, run in by_variant.items()
+            for row in run.rows
+        ]
+        lines += _table(
+            sorted(table, key=lambda r: (r["sigma"], r["model"])), ["model", "sigma", "L/p", "reconstruction_error"]
+        )
+        lines += [
+            "",
+            "(authors): the factors implement I + sigma M^T, as the authors' factor assignment does; (direct): "
+            "I + sigma M, what the labels hold. For an asymmetric M only the direct one matches the task.",
+            "",
+        ]
+        for orientation in ("authors", "direct"):
+            nmf = by_variant.get(f"SemiNMF ({orientation})")
+            if nmf:
+                small = [r for r in nmf.rows if 0 < r["configured_sigma"] <= 0.02]
+                claims.append(
+                    (
+                        f"The semi-NMF baseline ({orientation} orientation) beats naive for small sigma",
+                        all(_below(r, NAIVE) for r in small),
+                        "; ".join(f"sigma {r['configured_sigma']:g}: {_lpf(r)}" for r in small),
+                    )
+                )
+    by_bernoulli = {_variant(run): run for run in bernoulli}
+    mlp = by_bernoulli.get("MLP")
+    if mlp:
+        lines += ["", "Bernoulli data at p = 0.01, asymmetric M, sigma 0.01 (`semi_nmf_trained.yaml`):", ""]
+        rows = [{"model": v, **run.rows[0]} for v, run in by_bernoulli.items()]
+        lines += _table(rows, ["model", "p", "loss_per_feature", "loss_per_feature_stderr"])
+        for orientation in ("authors", "direct"):
+            nmf = by_bernoulli.get(f"SemiNMF ({orientation})")
+            if nmf:
+                claims.append(
+                    (
+                        f"The trained model beats the semi-NMF baseline ({orientation} orientation) at p = 0.01",
+                        _below(mlp.rows[0], nmf.rows[0]),
+                        f"trained {_lpf(mlp.rows[0])}, semi-NMF {_lpf(nmf.rows[0])}, naive {NAIVE:.4f}",
+                    )
+                )
+    return Section("Semi-NMF baseline (`semi_nmf.yaml`, `semi_nmf_trained.yaml`)", lines, claims)
+
+
+def rank_by_inner_dimension(rows: list[dict]) -> list[dict]:
+    """Rank-study rows grouped by M's inner dimension r: means and standard errors over the seeds."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row.get("mixing.rank")].append(row)
+    summary = []
+    for rank, group in groups.items():
+        entry = {"rank": rank, "seeds": len(group)}
+        for key in ("mixing_effective_rank", "loss_per_feature", "sigma"):
+            values = [float(r[key]) for r in group]
+            mean = sum(values) / len(values)
+            spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            entry |= {key: mean, f"{key}_sem": spread / math.sqrt(len(values))}
+        summary.append(entry)
+    return sorted(summary, key=lambda e: -e["mixing_effective_rank"])
 
 
 def rank_study(runs: list[Run], figures: Path) -> Section:
@@ -460,23 +589,93 @@ def rank_study(runs: list[Run], figures: Path) -> Section:
         return Section("Rank study (`rank_study.yaml`)", ["(no run)"], [])
     rows = sorted(run.rows, key=lambda r: r["mixing_effective_rank"])
     fig = plots.loss_and_sigma_against_rank_figure(rows, NAIVE)
-    lines = [f"![rank study]({_save(fig, _png(figures, 'rank_study'))})", ""]
-    lines += _table(rows, ["mixing", "mixing_effective_rank", "sigma", "loss_per_feature", "loss_per_feature_stderr"])
-    return Section("Rank study (`rank_study.yaml`)", lines, [])
+    lines = source_lines("rank_study")
+    lines += [f"![rank study]({_save(fig, _png(figures, 'rank_study'))})", ""]
+    summary = rank_by_inner_dimension(rows)
+    for entry in summary:
+        entry["L/p"] = f"{entry['loss_per_feature']:.4f} ± {entry['loss_per_feature_sem']:.4f}"
+        entry["effective rank"] = f"{entry['mixing_effective_rank']:.1f} ± {entry['mixing_effective_rank_sem']:.1f}"
+        entry["learned sigma"] = f"{entry['sigma']:.4f} ± {entry['sigma_sem']:.4f}"
+    lines += _table(summary, ["rank", "seeds", "effective rank", "L/p", "learned sigma"])
+    lines += ["", "Means ± standard errors over the seeds (each seed its own M, data and initialisation)."]
+    claims = []
+    if len(summary) >= 2:
+        full, lowest = summary[0], summary[-1]
+        claims.append(
+            (
+                "A mixing matrix of lower effective rank gives a smaller advantage over naive (higher L/p)",
+                lowest["loss_per_feature"] - lowest["loss_per_feature_sem"]
+                > full["loss_per_feature"] + full["loss_per_feature_sem"],
+                f"effective rank {full['mixing_effective_rank']:.0f}: {full['L/p']}; "
+                f"effective rank {lowest['mixing_effective_rank']:.0f}: {lowest['L/p']}",
+            )
+        )
+    return Section("Rank study (`rank_study.yaml`)", lines, claims)
+
+
+def training_curves(fit_directory: Path) -> dict[int, tuple[list[int], list[float]]]:
+    """Each instance's logged training L / p of a fit (TensorBoard event files): k -> (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cis_lightning.module import instance_tag
+
+    accumulator = EventAccumulator(str(fit_directory), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags().get("scalars", []))
+    curves = {}
+    for k in range(10_000):
+        tag = instance_tag(k) if instance_tag(k) in tags else ("train/loss_per_feature" if k == 0 else None)
+        if tag is None or tag not in tags:
+            break
+        events = accumulator.Scalars(tag)
+        curves[k] = ([e.step for e in events], [e.value for e in events])
+        if tag == "train/loss_per_feature":
+            break
+    return curves
+
+
+def running_average(values: list[float], window: int = 10) -> list[float]:
+    """The mean of the last `window` values at every point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def transplant(runs: list[Run], figures: Path) -> Section:
-    lines = []
+    lines = source_lines("transplant")
     for run in runs:
         lines.append(f"**{run.experiment}** ({run.directory.name}):")
         lines.append("")
         lines += _table(run.rows, ["instance", "mixing", "sigma", "loss_per_feature", "loss_per_feature_stderr"])
         lines.append("")
     lines.append(
-        "transplant: instance 0 trained on noisy labels, instance 1 on clean ones. "
-        "transplant_swapped: the same weights "
-        "evaluated on the other labels (instance 0 on clean, 1 on noisy). transplant_finetune: after fine-tuning there."
+        "transplant: stage 1, the models trained on their labels. transplant_swapped: the same weights evaluated "
+        "on the swapped labels before any fine-tuning. transplant_finetune: after 10,000 steps of fine-tuning there."
     )
+    stage1 = next((r for r in runs if r.experiment == "transplant" and r.weights is not None), None)
+    stage2 = next((r for r in runs if r.experiment == "transplant_finetune" and r.weights is not None), None)
+    if stage1 and stage2:
+        first, second = training_curves(stage1.weights.parent), training_curves(stage2.weights.parent)
+        if first and second:
+            fig, ax = _figure(6, 3.6)
+            before = {int(r["instance"]): r["mixing"] for r in stage1.rows}
+            after = {int(r["instance"]): r["mixing"] for r in stage2.rows}
+            for k in sorted(set(first) & set(second)):
+                (s1, v1), (s2, v2) = first[k], second[k]
+                splice = max(s1) + 1
+                ax.plot(
+                    s1 + [splice + s for s in s2],
+                    running_average(v1 + v2),
+                    label=f"{before.get(k, k)} -> {after.get(k, '?')}",
+                )
+                ax.axvline(splice, color="grey", linestyle="--", linewidth=1)
+            plots.naive_line(ax, NAIVE)
+            ax.set(xlabel="training step", ylabel="training L / p (running average)", title="Transplant")
+            ax.set_ylim(0, 0.2)
+            ax.legend(fontsize=6)
+            lines += ["", f"![transplant]({_save(fig, _png(figures, 'transplant'))})"]
     return Section("Transplant (`transplant.yaml`)", lines, [])
 
 
@@ -531,13 +730,41 @@ def _timing(directories: list[Path]) -> str:
     return "Produced by:\n\n" + "\n".join(f"- {note}" for note in notes)
 
 
+def section_of(experiment: str) -> str:
+    """The report section a run's experiment (its logger name) belongs to."""
+    if experiment.startswith("transplant"):
+        return "transplant"
+    return "semi_nmf" if experiment == "semi_nmf_trained" else experiment
+
+
+def _json_value(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def report_data(runs: list[Run], claims: list[tuple[str, bool, str, str]]) -> dict:
+    """The report's numbers, machine-readable: rows by experiment (its config's stem) and the claims.
+
+    Every row names its run (`experiment`: the logger name, e.g. transplant_finetune) and model.
+    """
+    experiments: dict[str, dict] = {}
+    for run in runs:
+        name = "transplant" if run.experiment.startswith("transplant") else run.experiment
+        entry = experiments.setdefault(name, {"config": str(CONFIGS / f"{name}.yaml"), "rows": [], "rows_by_p": []})
+        for key, rows in (("rows", run.rows), ("rows_by_p", run.rows_by_p)):
+            entry[key] += [{"experiment": run.experiment} | {k: _json_value(v) for k, v in row.items()} for row in rows]
+    return {
+        "experiments": experiments,
+        "claims": [{"claim": c, "reproduced": bool(ok), "numbers": n, "section": t} for c, ok, n, t in claims],
+    }
+
+
 def write_report(directories: list[Path], output: Path, preamble: str = "") -> Path:
     """Collect every results.csv under `directories` into `output` (Markdown) and PNGs beside it."""
     preamble = preamble or _timing(directories)
     runs = find_runs(directories)
     groups = defaultdict(list)
     for run in runs:
-        groups["transplant" if run.experiment.startswith("transplant") else run.experiment].append(run)
+        groups[section_of(run.experiment)].append(run)
     figures = output.parent / output.stem
     sections = [SECTIONS[name](groups[name], figures) for name in SECTIONS if groups.get(name)]
     unknown = sorted(set(groups) - set(SECTIONS))
@@ -568,6 +795,7 @@ def write_report(directories: list[Path], output: Path, preamble: str = "") -> P
             lines.append("")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines) + "\n")
+    output.with_suffix(".json").write_text(json.dumps(report_data(runs, claims), indent=1) + "\n")
     return output
 
 
@@ -591,11 +819,25 @@ FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 1
     "mixing_comparison": ["--trainer.max_steps", "6000"],
     "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
     "offset_baseline": ["--trainer.max_steps", "2000"],
-    "semi_nmf": ["--data.batch_size", "1024"],  # the full schedule (exactly one active: the evaluation is exact)
+    "semi_nmf": ["--trainer.max_steps", "2000"],  # the trained comparison; the baselines need no training
     "rank_study": ["--trainer.max_steps", "1000"],
     "transplant": ["--trainer.max_steps", "1000"],
 }  # fmt: skip
-SWAPPED = '{"cases": [{"mixing.kind": "none", "sigma": 0.0}, {"mixing.kind": "gaussian", "sigma": 0.03}]}'
+# Stage 2 of the transplant: both embedding-trained models on clean labels, the clean one on I - W_E W_E^T.
+SWAPPED = json.dumps(
+    {
+        "cases": [
+            {"mixing.kind": "none", "sigma": 0.0},
+            {"mixing.kind": "none", "sigma": 0.0},
+            {"mixing.kind": "embedding", "mixing.embedding_sign": "I-WWt", "sigma": 1.0},
+        ]
+    }
+)
+FACTOR_BASELINES = [
+    ["--model.network", name, "--model.network.init_args.orientation", orientation]
+    for name in ("SemiNMF", "SVD")
+    for orientation in ("direct", "authors")
+]
 
 
 def _cis(args: list[str]) -> Path:
@@ -630,9 +872,12 @@ def reproduce(root: Path, fast: bool, experiments: tuple[str, ...] = EXPERIMENTS
             _cis(["test", *common])
             fit_and_test(["--model.network", "MLP"])
         elif name == "semi_nmf":
-            for baseline in ("SemiNMF", "SVD", "Naive"):
-                _cis(["test", *common, "--model.network", baseline])
-            fit_and_test(["--model.network", "MLP"])
+            for baseline in [*FACTOR_BASELINES, ["--model.network", "Naive"]]:
+                _cis(["test", *common, *baseline])
+            trained = [a if a != config else str(CONFIGS / "semi_nmf_trained.yaml") for a in common]
+            fit_and_test([], "semi_nmf_trained", trained)
+            for baseline in [*FACTOR_BASELINES[:2], ["--model.network", "Naive"]]:
+                _cis(["test", *trained, *baseline, "--trainer.logger.init_args.name", "semi_nmf_trained"])
         elif name == "transplant":
             first = fit_and_test([])
             init = ["--model.init_from", str(first / "checkpoints" / "last.ckpt"), "--data.grid", SWAPPED]

@@ -124,6 +124,28 @@ def expand_grid(base: Instance, grid: Mapping[str, Sequence[Any]] | None) -> lis
     return instances
 
 
+def mixing_seed(instance: Instance) -> int:
+    """The seed instance's M is drawn from: its mixing's own seed, else its data seed."""
+    return instance.seed if instance.mixing.seed is None else instance.mixing.seed
+
+
+def with_distinct_mixing(instances: Sequence[Instance]) -> list[Instance]:
+    """Give instance k (its position in the whole grid) an M seed of its own, derived from (data seed, k).
+
+    For sweeps whose instances must not share one M (the authors' sigma sweep draws a fresh M for every
+    sigma) while keeping the data and initialisation streams. A mixing with an explicit seed keeps it.
+    The same grid and seed give the same matrices in every run and shard.
+    """
+    distinct = []
+    for k, instance in enumerate(instances):
+        if instance.mixing.seed is None:
+            state = np.random.SeedSequence([instance.seed, k]).generate_state(1, np.uint64)[0]
+            mixing = dataclasses.replace(instance.mixing, seed=int(state >> np.uint64(2)))  # < 2^62
+            instance = dataclasses.replace(instance, mixing=mixing)
+        distinct.append(instance)
+    return distinct
+
+
 def nonempty_probability(feature_probability: Tensor | float, n_features: int) -> Tensor:
     """P(at least one of n features is active) = 1 - (1 - p)^n."""
     p = torch.as_tensor(feature_probability, dtype=torch.float64)
@@ -168,7 +190,7 @@ class Task(nn.Module):
         self.n_features = n_features
         self.exactly_one_active = exactly_one_active
         self.has_mixing = any(i.mixing.kind != "none" for i in instances)
-        mixings = [build_mixing(i.mixing, n_features, torch.Generator().manual_seed(i.seed)) for i in instances]
+        mixings = [build_mixing(i.mixing, n_features, torch.Generator().manual_seed(mixing_seed(i))) for i in instances]
         self.register_buffer("mixing", torch.stack(mixings))
         self.register_buffer("feature_probability", torch.tensor([i.feature_probability for i in instances]))
         self.register_buffer("seeds", torch.tensor([i.seed for i in instances], dtype=torch.int64))

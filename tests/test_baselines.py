@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cis_lightning import Instance, Mixing, Task, evaluate, expand_grid
+from cis_lightning import ConfigError, Instance, Mixing, Task, evaluate, expand_grid
 from cis_lightning.baselines import (
     SVD,
     Naive,
@@ -170,3 +170,26 @@ def test_cis_test_evaluates_a_baseline_from_its_config_alone(tmp_path):
     assert row["model"] == "Naive"
     lpf, stderr = float(row["loss_per_feature"]), float(row["loss_per_feature_stderr"])
     assert abs(lpf - (N - H) / N / 6) <= 4 * stderr + 1e-7  # exact strata: float32 rounding only
+
+
+@pytest.mark.parametrize("baseline", [SVD, SemiNMF])
+@pytest.mark.parametrize(("orientation", "transposed"), [("direct", False), ("authors", True)])
+def test_each_orientation_implements_the_matrix_it_claims(baseline, orientation, transposed):
+    """With as many neurons as features both factorisations are exact: W_out W_in = I + sigma M ("direct")
+    or its transpose I + sigma M^T (the authors' assignment), which differ for an asymmetric M."""
+    n, sigma = 10, 0.2
+    task = Task([Instance(sigma=sigma, mixing=Mixing(kind="gaussian"))], n, exactly_one_active=True)
+    model = baseline(n_features=n, d_mlp=n, orientation=orientation)
+    model.fit_to(task)
+    a = torch.eye(n) + sigma * task.mixing[0]
+    claimed, other = (a.T, a) if transposed else (a, a.T)
+    product = model.w_out[0] @ model.w_in[0]
+    assert torch.allclose(product, claimed, atol=1e-4)
+    assert (product - other).abs().max() > 0.05
+    assert model.describe_instance(0)["orientation"] == orientation
+
+
+def test_an_unknown_orientation_is_refused_naming_the_field():
+    with pytest.raises(ConfigError) as error:
+        SVD(n_features=4, d_mlp=2, orientation="sideways")
+    assert error.value.field == "model.network.init_args.orientation"

@@ -1,4 +1,4 @@
-"""A learned sigma (data.learn_sigma) trains in its own AdamW param group at model.sigma_lr, without weight decay."""
+"""A learned sigma (data.learn_sigma) trains in its own AdamW param group at model.sigma_lr, with the weights' decay."""
 
 from __future__ import annotations
 
@@ -26,17 +26,39 @@ def sigma_group(cli) -> dict:
     return group
 
 
-def test_the_sigma_group_gets_sigma_lr_and_no_weight_decay(tmp_path):
-    cli = fit(tmp_path, 2, "--model.sigma_lr", "0.0002")
+def test_the_sigma_group_gets_sigma_lr_and_the_weights_decay_like_the_authors(tmp_path):
+    """The authors train sigma in the weights' AdamW, weight decay included (paper_code/mlpinsoup.py)."""
+    cli = fit(tmp_path, 2, "--model.sigma_lr", "0.0002", "--model.weight_decay", "0.03")
     network, sigma = cli.trainer.optimizers[0].param_groups
     assert sigma is sigma_group(cli)
-    assert (sigma["initial_lr"], sigma["weight_decay"]) == (0.0002, 0.0)
-    assert (network["initial_lr"], network["weight_decay"]) == (cli.model.lr, cli.model.weight_decay)
+    assert (sigma["initial_lr"], sigma["weight_decay"]) == (0.0002, 0.03)
+    assert (network["initial_lr"], network["weight_decay"]) == (cli.model.lr, 0.03)
 
 
-def test_without_sigma_lr_sigma_trains_at_the_model_lr(tmp_path):
-    cli = fit(tmp_path, 2, "--model.lr", "0.002")
-    assert sigma_group(cli)["initial_lr"] == 0.002
+def test_sigma_weight_decay_sets_the_sigma_group_alone(tmp_path):
+    cli = fit(tmp_path, 2, "--model.sigma_weight_decay", "0")
+    network, sigma = cli.trainer.optimizers[0].param_groups
+    assert (sigma["weight_decay"], network["weight_decay"]) == (0.0, cli.model.weight_decay)
+
+
+def test_weight_decay_shrinks_a_learned_sigma(tmp_path):
+    """Decoupled decay multiplies sigma by (1 - lr_t wd) each step; Adam's own step moves it by at most
+    lr_t * adam_step_bound(t), which a tiny sigma_lr with a huge decay makes small beside the decay."""
+    steps, lr, wd, start = 5, 1e-6, 1000.0, 0.04
+    cli = fit(
+        tmp_path, steps, "--data.mixing.kind", "gaussian", "--data.sigma", str(start),
+        "--model.sigma_lr", str(lr), "--model.sigma_weight_decay", str(wd),
+    )  # fmt: skip
+    beta1, beta2 = sigma_group(cli)["betas"]
+    expected, slack = start, 0.0
+    for t in range(steps):
+        lr_t = lr * (1 + math.cos(math.pi * t / steps)) / 2
+        expected, slack = (
+            expected * (1 - lr_t * wd),
+            slack * (1 - lr_t * wd) + lr_t * adam_step_bound(t + 1, beta1, beta2),
+        )
+    assert start - expected > 10 * slack  # the decay dominates
+    assert abs(float(cli.datamodule.task.sigma.detach()[0]) - expected) <= slack + 1e-9
 
 
 def adam_step_bound(t: int, beta1: float, beta2: float) -> float:
@@ -55,7 +77,16 @@ def adam_step_bound(t: int, beta1: float, beta2: float) -> float:
 def test_a_tiny_sigma_lr_bounds_how_far_sigma_moves(tmp_path):
     """No weight decay, so |sigma_T - sigma_0| <= sum_t lr_t * bound_t with the cosine lr_t over the T steps."""
     steps, sigma_lr, start = 30, 1e-6, 0.03
-    cli = fit(tmp_path, steps, "--model.sigma_lr", str(sigma_lr), "--data.sigma", str(start))
+    cli = fit(
+        tmp_path,
+        steps,
+        "--model.sigma_lr",
+        str(sigma_lr),
+        "--data.sigma",
+        str(start),
+        "--model.sigma_weight_decay",
+        "0",
+    )
     beta1, beta2 = sigma_group(cli)["betas"]
     lr = [sigma_lr * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]  # step t + 1 uses lr[t]
     bound = sum(lr_t * adam_step_bound(t + 1, beta1, beta2) for t, lr_t in enumerate(lr))

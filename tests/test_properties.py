@@ -49,8 +49,8 @@ def valid_configs(draw) -> list[str]:
         args += flag("data.mixing.zero_diagonal", draw(st.booleans()))
         args += flag("data.mixing.support", draw(st.none() | st.integers(1, n)))
     if kind == "low_rank":
-        args += flag("data.mixing.rank", draw(st.integers(1, n)))
-        for option in ("tied", "flat_spectrum", "normalize_rows"):
+        args += flag("data.mixing.rank", draw(st.integers(1, 3 * n)))
+        for option in ("tied", "normalize_rows"):
             args += flag(f"data.mixing.{option}", draw(st.booleans()))
     if kind == "embedding":
         args += flag("data.mixing.d_embed", draw(st.integers(1, 3 * n)))

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from cis_lightning.main import main, run
-from cis_lightning.report import NAIVE, _lpf, _timing, record_timing
+from cis_lightning.report import (
+    NAIVE,
+    _lpf,
+    _timing,
+    rank_by_inner_dimension,
+    record_timing,
+    running_average,
+    training_curves,
+)
 
 from .conftest import REPO, tiny_args
 
@@ -85,7 +93,10 @@ def test_report_rejects_a_claim_within_the_standard_error(tmp_path):
 def test_report_judges_the_sparse_dense_crossover_from_results_by_p(tmp_path):
     """A model trained at small p that beats naive at small evaluation p and loses at p = 1 supports the claim."""
     directory = tmp_path / "sparsity_regimes" / "version_1"
-    rows = [{"model": "MLP", "instance": 0, "p": 0.001, "loss_per_feature": 0.07, "loss_per_feature_stderr": 1e-4}]
+    rows = [
+        {"model": "MLP", "instance": 0, "p": 0.001, "mixing": "gaussian", "sigma": 0.02, "loss_per_feature": 0.07,
+         "loss_per_feature_stderr": 1e-4}
+    ]  # fmt: skip
     write_run(directory, "sparsity_regimes", rows)
     by_p = [
         {"model": "MLP", "p": 0.001, "eval_p": q, "loss_per_feature": lpf, "loss_per_feature_stderr": 1e-4}
@@ -99,8 +110,8 @@ def test_report_judges_the_sparse_dense_crossover_from_results_by_p(tmp_path):
     report = (tmp_path / "report.md").read_text()
     line = claim_line(
         report,
-        "Trained at p = 0.001 with a symmetric M, the trained model beats the naive loss at small p and loses "
-        "to it at large p",
+        "Trained at p = 0.001 with a gaussian M, sigma 0.02, the trained model beats the naive loss at small p "
+        "and loses to it at large p",
     )
     assert "| yes |" in line and "at p = 1: 0.1200 ± 0.0001" in line
 
@@ -127,7 +138,8 @@ def test_report_collects_real_fit_test_and_baseline_runs(tmp_path):
     run(["test", *common, "--model.network", "Naive"])
     main(["report", str(save), "--output", str(tmp_path / "docs" / "report.md")])
     report = (tmp_path / "docs" / "report.md").read_text()
-    assert "## Semi-NMF baseline (`semi_nmf.yaml`)" in report
+    assert "## Semi-NMF baseline (`semi_nmf.yaml`, `semi_nmf_trained.yaml`)" in report
+    assert "Follows the authors' `paper_code/nb3_svd_nmf.py, nb8_test_baselines.py`" in report
     table = [line for line in report.splitlines() if line.startswith("| MLP |") or line.startswith("| Naive |")]
     assert len(table) == 4  # two models x two sigmas
     naive_clean = next(line for line in table if line.startswith("| Naive | 0 |"))
@@ -152,13 +164,14 @@ def test_experiment_configs_all_parse(capsys):
         sizes[config.stem] = int(out.rsplit("K = ", 1)[1].split()[0])
     assert sizes == {
         "eigen_alignment": 1,
-        "mixing_comparison": 4,
+        "mixing_comparison": 5,
         "offset_baseline": 4,
-        "rank_study": 10,
+        "rank_study": 25,
         "semi_nmf": 8,
+        "semi_nmf_trained": 1,
         "sigma_sweep": 82,
         "sparsity_regimes": 10,
-        "transplant": 2,
+        "transplant": 3,
     }
 
 
@@ -187,13 +200,13 @@ def test_no_better_than_naive_means_within_one_percent_of_it(tmp_path, clean, ve
     rows = [
         {"model": "MLP", "mixing": mixing, "sigma": 0.0, "configured_sigma": 0.0, "p": 0.01,
          "loss_per_feature": lpf, "loss_per_feature_stderr": 1e-5}
-        for mixing, lpf in (("none", clean), ("embedding", 0.0666))
+        for mixing, lpf in (("none", clean), ("embedding(WWt-I)", 0.0666))
     ]  # fmt: skip
     write_run(tmp_path / "mixing_comparison" / "version_0", "mixing_comparison", rows)
     main(["report", str(tmp_path), "--output", str(tmp_path / "report.md")])
     claim = (
         "With M = 0 the trained model is no better than naive (within 1%) at small p; "
-        "with the embedding-like M it beats naive"
+        "with the embedding(WWt-I) M it beats naive"
     )
     assert f"| {verdict} |" in claim_line((tmp_path / "report.md").read_text(), claim)
 
@@ -204,3 +217,55 @@ def test_no_better_than_naive_means_within_one_percent_of_it(tmp_path, clean, ve
 )
 def test_loss_is_shown_to_the_first_digit_of_its_standard_error(stderr, shown):
     assert _lpf({"loss_per_feature": 0.0769587, "loss_per_feature_stderr": stderr}) == shown
+
+
+def test_a_run_of_several_instances_logs_each_instances_training_curve(tmp_path):
+    """The transplant figure splices per-instance curves read back from real TensorBoard event files."""
+    args = [
+        *tiny_args(tmp_path / "runs", "configs/experiments/transplant.yaml", steps=20),
+        "--trainer.limit_val_batches",
+        "0",
+    ]
+    fit = run(["fit", *args])
+    curves = training_curves(Path(fit.trainer.log_dir))
+    assert sorted(curves) == [0, 1, 2]
+    steps, values = curves[0]
+    assert steps == [4, 9, 14, 19]  # every 5 steps (tiny_args)
+    assert all(v > 0 for k in curves for v in curves[k][1])
+    assert curves[0][1] != curves[2][1]  # the embedding-trained and the clean model differ
+
+
+def test_running_average_is_the_mean_of_the_last_window_values():
+    assert running_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_rank_rows_are_summarised_by_inner_dimension_over_seeds():
+    rows = [
+        {"mixing.rank": 9.0, "mixing_effective_rank": e, "loss_per_feature": lpf, "sigma": s}
+        for e, lpf, s in ((8.0, 0.08, 0.01), (10.0, 0.09, 0.03))
+    ] + [{"mixing.rank": 1000.0, "mixing_effective_rank": 79.0, "loss_per_feature": 0.06, "sigma": 0.02}]
+    full, low = rank_by_inner_dimension(rows)
+    assert (full["rank"], full["seeds"], low["rank"], low["seeds"]) == (1000.0, 1, 9.0, 2)
+    assert low["loss_per_feature"] == pytest.approx(0.085)
+    assert low["loss_per_feature_sem"] == pytest.approx(0.005 / 2**0.5)  # population std 0.005 over sqrt(2)
+
+
+def test_the_report_writes_its_numbers_as_json_beside_it(tmp_path):
+    import json
+
+    rows = [
+        {"model": "SVD", "mixing": "gaussian", "configured_sigma": 0.01, "sigma": 0.01, "orientation": o,
+         "loss_per_feature": lpf, "loss_per_feature_stderr": 0.0}
+        for o, lpf in (("authors", 0.09), ("direct", 0.07))
+    ]  # fmt: skip
+    for row in rows:
+        write_run(tmp_path / "runs" / "semi_nmf" / f"version_{row['orientation']}", "semi_nmf", [row])
+    main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report.md")])
+    data = json.loads((tmp_path / "report.json").read_text())
+    experiment = data["experiments"]["semi_nmf"]
+    assert experiment["config"] == "configs/experiments/semi_nmf.yaml"
+    assert sorted((r["orientation"], r["loss_per_feature"]) for r in experiment["rows"]) == [
+        ("authors", 0.09),
+        ("direct", 0.07),
+    ]
+    assert all(set(c) >= {"claim", "reproduced", "numbers"} for c in data["claims"])

@@ -200,3 +200,49 @@ def test_init_from_a_missing_file_is_one_line_naming_the_field(tiny, tmp_path, c
         main(["test", *tiny(), "--model.init_from", str(tmp_path / "none.ckpt")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("cis: error: model.init_from: no checkpoint file at")
+
+
+def sweep_task(distinct: bool, shard: str | None = None):
+    from cis_lightning.datamodule import CCDataModule
+
+    grid = {"mixing.symmetric": [True, False], "sigma": [0.0, 0.02, 0.04]}
+    module = CCDataModule(
+        n_features=12, mixing=Mixing(kind="gaussian"), grid=grid, distinct_mixing=distinct, shard=shard
+    )
+    return module.task
+
+
+def test_distinct_mixing_gives_every_instance_of_the_grid_its_own_m():
+    """The authors' sigma sweep draws a fresh M for every (symmetric, sigma)."""
+    task = sweep_task(distinct=True)
+    m = task.mixing
+    for a in range(len(m)):
+        for b in range(a + 1, len(m)):
+            assert not torch.equal(m[a], m[b])
+    assert all(torch.equal(m[k], m[k].T) for k in range(3))  # the symmetric half stays symmetric
+    assert not any(torch.equal(m[k], m[k].T) for k in range(3, 6))
+
+
+def test_without_distinct_mixing_instances_of_one_seed_share_m():
+    m = sweep_task(distinct=False).mixing
+    assert all(torch.equal(m[k], m[0]) for k in range(3))  # the symmetric instances: one M
+    assert all(torch.equal(m[k], m[3]) for k in range(3, 6))
+
+
+def test_distinct_mixing_is_reproducible_and_keeps_the_data_and_shards():
+    """Same seed, same matrices; a shard holds exactly its instances' matrices; the inputs do not change."""
+    first, again, shared = sweep_task(True), sweep_task(True), sweep_task(False)
+    assert torch.equal(first.mixing, again.mixing)
+    assert torch.equal(sweep_task(True, shard="1/2").mixing, first.mixing[1::2])
+    x, y = first.sample(64, step=5), shared.sample(64, step=5)
+    assert torch.equal(x.dense() if hasattr(x, "dense") else x, y.dense() if hasattr(y, "dense") else y)
+
+
+def test_an_explicit_mixing_seed_draws_m_from_it_and_is_kept_by_distinct_mixing():
+    base = Instance(mixing=Mixing(kind="gaussian", seed=7), seed=0)
+    from cis_lightning.task import Task, with_distinct_mixing
+
+    (kept,) = with_distinct_mixing([base])
+    assert kept.mixing.seed == 7
+    other_data_seed = Task([Instance(mixing=Mixing(kind="gaussian", seed=7), seed=5)], 12).mixing
+    assert torch.equal(Task([base], 12).mixing, other_data_seed)

@@ -133,7 +133,7 @@ def test_grid_is_the_cartesian_product_with_the_last_key_fastest():
         (Instance(feature_probability=1.5), "data.feature_probability"),
         (Instance(sigma=-0.1), "data.sigma"),
         (Instance(seed=-1), "data.seed"),
-        (Instance(mixing=Mixing(kind="low_rank", rank=101)), "data.mixing.rank"),
+        (Instance(mixing=Mixing(kind="low_rank", rank=0)), "data.mixing.rank"),
     ],
 )
 def test_bad_instance_settings_name_their_field(instance, field):
