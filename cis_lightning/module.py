@@ -110,7 +110,7 @@ class CCModule(pl.LightningModule):
     AdamW, decay included (`paper_code/mlpinsoup.py`, `train`): the defaults do the same. Adam
     moves a parameter by about its learning rate per step whatever its gradient's scale, so at
     lr = 3e-3 a sigma of 0.03 falls below 0.008 within 25 steps, before the network uses M; for a
-    Gaussian M it recovers only after thousands of steps (README, "Learned sigma"). A smaller
+    Gaussian M it recovers only after thousands of steps (docs/derivation.md, "Learned sigma"). A smaller
     sigma_lr keeps sigma near its value while the network learns.
     """
 
