@@ -3,7 +3,7 @@
 Shapes: K instances, n features, h neurons, B samples. Weights are the effective weights in feature
 space, W_in (K, h, n) and W_out (K, n, h), so the model's linear part is P = W_out W_in (K, n, n).
 M (K, n, n) is the *total* mixing the labels carry in the MLP picture: `total_mixing(model, task)`,
-sigma M from the task plus I - W_E W_E^T for the residual model (see the README's derivation).
+sigma M from the task plus I - W_E W_E^T for the residual model (docs/derivation.md).
 
 Eigen-subspace alignment (Bhagat et al. 2026): E_i, the eigenvectors of the symmetric part
 (M + M^T) / 2 sorted by descending eigenvalue; the trained P captures the top ~h of them,

@@ -815,7 +815,7 @@ FAST = {  # shorter schedules, smaller batches and a coarser sigma grid: about 1
     # Every p for the same 10,000 steps (not equal non-empty samples: the dense models would get 950 steps,
     # too few to reach one feature per neuron; the full run gives them 10,000).
     "sparsity_regimes": ["--trainer.max_steps", "10000", "--model.equal_nonempty_samples", "false"],
-    # 6,000 steps: a learned sigma first collapses and recovers once the network uses M (docs/derivation.md, "Learned sigma").
+    # 6,000 steps: a learned sigma first collapses, then recovers once the network uses M (docs/derivation.md).
     "mixing_comparison": ["--trainer.max_steps", "6000"],
     "eigen_alignment": ["--trainer.max_steps", "2000", "--data.batch_size", "1024"],
     "offset_baseline": ["--trainer.max_steps", "2000"],
