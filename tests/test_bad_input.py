@@ -50,7 +50,7 @@ CASES = [
     ("tied_not_bool", ["--model.network.init_args.tied", "3"], "tied", "bool"),
     ("unknown_mixing_kind", ["--data.mixing.kind", "banana"], "data.mixing.kind", "banana"),
     ("low_rank_without_rank", ["--data.mixing.kind", "low_rank"], "data.mixing.rank", "low_rank"),
-    ("rank_above_n", ["--data.mixing.kind", "low_rank", "--data.mixing.rank", "500"], "data.mixing.rank", "500"),
+    ("rank_below_one", ["--data.mixing.kind", "low_rank", "--data.mixing.rank", "0"], "data.mixing.rank", "got 0"),
     ("unknown_model_name", ["--model.network.class_path", "Transformer"], "model.network", "Transformer"),
     ("grid_value_not_a_list", ["--data.grid", '{"sigma": 0.1}'], "data.grid", "list"),
     ("shard_out_of_range", ["--data.shard", "2/2"], "data.shard", "0 <= i < N"),
