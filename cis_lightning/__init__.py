@@ -4,7 +4,7 @@ The names imported here are pure torch (no Lightning), for notebooks and analysi
 """
 
 from cis_lightning.errors import ConfigError
-from cis_lightning.evaluation import evaluate, naive_loss_per_feature
+from cis_lightning.evaluation import evaluate, evaluate_at, naive_loss_per_feature
 from cis_lightning.mixing import MIXING_KINDS, Mixing, build_mixing, effective_rank, embedding_mixing
 from cis_lightning.models import MLP, CCModel, ResidualMLP
 from cis_lightning.runs import Run, load_run
@@ -25,6 +25,7 @@ __all__ = [
     "effective_rank",
     "embedding_mixing",
     "evaluate",
+    "evaluate_at",
     "expand_grid",
     "load_run",
     "naive_loss_per_feature",

@@ -289,6 +289,58 @@ def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream =
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
 
 
+@torch.no_grad()
+def evaluate_at(
+    model: CCModel,
+    task: Task,
+    feature_probabilities: Sequence[float],
+    n_nonempty: int = 1_000_000,
+    batch_size: int = 65536,
+    stream: Stream = Stream.TEST,
+) -> list[Evaluation]:
+    """L / p of every instance at each p of `feature_probabilities` (one p for all K instances at a
+    time): `evaluate(..., feature_probability=[q] * K)` for every q, from one set of stratum draws.
+
+    A stratum (k active features) has the same conditional distribution at every p; only its weight
+    P(k | p) changes. So the p share their samples: stratum k gets the most samples any p's own plan
+    (`plan_strata`) gives it, drawn once for all instances (`Task.sample_active`), and each p weighs
+    the stratum means with its own probabilities. Every p's estimate is at least as precise as its own
+    `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
+    """
+    k_instances, exact = task.n_instances, exact_strata(model)
+    plans = [plan_strata(task, [q] * k_instances, n_nonempty, batch_size, exact) for q in feature_probabilities]
+    counts: dict[int, int] = {}
+    for plan in plans:
+        per_stratum: dict[int, int] = {}
+        for k, _, size in plan.batches:
+            per_stratum[k] = per_stratum.get(k, 0) + size
+        for k, count in per_stratum.items():
+            counts[k] = max(counts.get(k, 0), count)
+    sums = {}  # stratum -> (sum, sum of squares) of the per-sample losses, (K,) each, float64
+    for k, count in sorted(counts.items()):
+        total = torch.zeros(2, k_instances, dtype=torch.float64, device=task.mixing.device)
+        for step, start in enumerate(range(0, count, batch_size)):
+            losses = per_sample_loss(model, task, task.sample_active(k, min(batch_size, count - start), step, stream))
+            losses = losses.double()
+            total += torch.stack([losses.sum(dim=1), losses.pow(2).sum(dim=1)])
+        sums[k] = total
+    exact_values = exact_losses(model, task, exact).to(task.mixing.device)  # (len(exact), K)
+    results = []
+    for plan in plans:
+        probability = plan.probability.to(device=task.mixing.device)  # (K, n + 1)
+        mean = (probability[:, list(exact)].T * exact_values).sum(dim=0)
+        variance = torch.zeros_like(mean)
+        for k in plan.sampled:
+            n_k = counts[k]
+            m_k = sums[k][0] / n_k
+            var_k = (sums[k][1] / n_k - m_k.pow(2)).clamp_min(0) * n_k / max(n_k - 1, 1)
+            mean = mean + probability[:, k] * m_k
+            variance = variance + probability[:, k].pow(2) * var_k / n_k
+        p = torch.tensor(plan.feature_probability, dtype=torch.float64, device=mean.device)
+        results.append(Evaluation((mean / p).cpu(), (variance.sqrt() / p).cpu(), sum(counts[k] for k in plan.sampled)))
+    return results
+
+
 def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, ...] | None) -> Tensor:
     """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None)."""
     if instances is not None:

@@ -20,7 +20,7 @@ from cis_lightning import fused
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.evaluation import (
     StratifiedLossPerFeature,
-    evaluate,
+    evaluate_at,
     exact_losses,
     exact_strata,
     mean_loss,
@@ -82,7 +82,8 @@ class CCModule(pl.LightningModule):
     a trained model on other data (the paper's transplant experiment).
 
     `test_feature_probabilities`: `cis test` also evaluates every instance at each of these p (the
-    paper's L / p against evaluation p) and writes results_by_p.csv (rank zero, pure `evaluate`).
+    paper's L / p against evaluation p) and writes results_by_p.csv (rank zero, `evaluate_at`: every
+    p from one set of stratum draws).
 
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
@@ -477,14 +478,14 @@ class CCModule(pl.LightningModule):
     def _write_results_by_p(self, directory: Path) -> None:
         """One row per (instance, evaluation p): L / p of the trained instance at another sparsity."""
         datamodule, rows = self.trainer.datamodule, []
-        for q in self.test_feature_probabilities:
-            result = evaluate(
-                self.network,
-                self.task,
-                datamodule.eval_nonempty_samples,
-                datamodule.eval_batch_size,
-                feature_probability=[q] * self.task.n_instances,
-            )
+        results = evaluate_at(
+            self.network,
+            self.task,
+            self.test_feature_probabilities,
+            datamodule.eval_nonempty_samples,
+            datamodule.eval_batch_size,
+        )  # every p from one set of stratum draws
+        for q, result in zip(self.test_feature_probabilities, results, strict=True):
             for k, instance in enumerate(self.task.instances):
                 row = {"instance": k, "model": type(self.network).__name__, "mixing": self._mixing_label(instance)}
                 row |= {"p": instance.feature_probability, "eval_p": q, "sigma": float(self.task.sigma_value()[k])}

@@ -323,17 +323,20 @@ class Task(nn.Module):
         conditional on the number of active features (a uniform subset, values uniform on [-1, 1]).
 
         For the stratified evaluation (`evaluation.evaluate`). Steps are keyed by (n_active, step).
-        `instances` draws only those (K' rows, each what it draws among all K).
+        Every instance gets the same samples (common random numbers: one draw, broadcast as a view
+        to the K instances, or to the K' of `instances`): the conditional distribution does not depend
+        on an instance's p, M or seed, so sharing keeps each instance's estimate unbiased, draws once
+        instead of K times, and makes differences between instances less noisy. The draw depends on
+        (stream, n_active, step) alone, so instance k evaluates exactly as a one-instance run does.
         """
         n, k = self.n_features, n_active
-        key = self._key(int(stream), k * 2**32 + step)[:, None, None]  # (K, 1, 1)
-        if instances is not None:
-            key = key[list(instances)]
+        seed = torch.zeros(1, dtype=torch.int64, device=self.seeds.device)
+        key = rng.stream_key(seed, int(stream), k * 2**32 + step)[:, None, None]  # (1, 1, 1)
         entries = torch.arange(batch_size * n, device=self.mixing.device).view(batch_size, n)
         if k <= _SEQUENTIAL_SUBSET:
             # The j-th feature is uniform among the n - j not yet chosen: r uniform in [0, n - j),
             # stepped past the chosen ones in increasing order (k^2 / 2 cheap passes, k uniforms).
-            u = rng.uniform(key, entries[:, :k])  # (K, B, k)
+            u = rng.uniform(key, entries[:, :k])  # (1, B, k)
             chosen: list[Tensor] = []
             for j in range(k):
                 index = torch.clamp((u[..., j] * (n - j)).long(), max=n - j - 1)
@@ -343,10 +346,10 @@ class Task(nn.Module):
                 chosen.append(index)
             feature = torch.stack(chosen, dim=-1)
         else:  # the top k of n uniform scores: a uniform k-subset
-            feature = rng.uniform(key, entries).topk(k, dim=-1).indices  # (K, B, k)
+            feature = rng.uniform(key, entries).topk(k, dim=-1).indices  # (1, B, k)
         value = 2 * rng.uniform(key, batch_size * n + entries[:, :k]) - 1
-        x = torch.zeros(key.shape[0], batch_size, n, device=self.mixing.device)
-        return x.scatter_(2, feature, value.float())
+        x = torch.zeros(1, batch_size, n, device=self.mixing.device).scatter_(2, feature, value.float())
+        return x.expand(self.n_instances if instances is None else len(instances), batch_size, n)
 
     def _dense(self, key: Tensor, p: Tensor, local: int, rank: int, compiled: bool = False) -> Tensor:
         """This rank's rows (`_dense_input`); `compiled`: the same bits from one fused pass instead of

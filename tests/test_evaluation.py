@@ -174,3 +174,39 @@ def test_a_selection_of_instances_computes_what_those_instances_compute_among_al
     for t in view.state_dict().values():
         t.add_(1.0)  # the selection holds copies
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
+def test_evaluating_at_several_p_shares_one_draw_and_agrees_with_brute_force_at_each():
+    """evaluate_at(qs) against dense batches at every q, for two instances of a random MLP (one with M)."""
+    from cis_lightning.evaluation import evaluate_at
+
+    task = Task([Instance(feature_probability=0.02), Instance(0.3, sigma=0.2, mixing=Mixing("gaussian"), seed=1)], 30)
+    model = MLP(n_features=30, d_mlp=8, seeds=[0, 1])
+    qs = [0.005, 0.05, 0.5]
+    shared = evaluate_at(model, task, qs, n_nonempty=5_000)
+    for q, result in zip(qs, shared, strict=True):
+        alone = evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q])
+        dense = evaluate(model, task, n_nonempty=20_000, batch_size=20_000, feature_probability=[q, q], method="dense")
+        _agree(result, dense)
+        assert (result.stderr <= alone.stderr * 1.05).all()  # each p gets at least its own plan's samples
+    # Shared draws: fewer samples drawn in all than the p's plans one by one.
+    separate = sum(evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q]).n_samples for q in qs)
+    assert len({r.n_samples for r in shared}) >= 1 and max(r.n_samples for r in shared) < separate
+
+
+def test_the_naive_model_is_exact_at_every_p_of_a_shared_evaluation():
+    from cis_lightning.evaluation import evaluate_at
+
+    n, d = 30, 10
+    for result in evaluate_at(_naive(n, d), Task([Instance()], n), [0.001, 0.05, 0.5], n_nonempty=5_000):
+        lpf, err = result.loss_per_feature.item(), result.stderr.item()
+        assert abs(lpf - naive_loss_per_feature(n, d)) < Z * err + 1e-9
+
+
+def test_stratum_draws_are_common_to_all_instances():
+    """Common random numbers: every instance's stratum batch is the same draw."""
+    task = Task([Instance(seed=0), Instance(seed=5, feature_probability=0.3)], 20)
+    x = task.sample_active(4, 32, step=1)
+    assert torch.equal(x[0], x[1])
+    assert torch.equal(Task([Instance(seed=9)], 20).sample_active(4, 32, step=1)[0], x[0])
+    assert not torch.equal(task.sample_active(4, 32, step=2)[0], x[0])
