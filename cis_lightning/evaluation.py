@@ -258,10 +258,12 @@ def evaluate(
     method "dense" is the paper's protocol: dense batches of the input distribution, empty samples
     included. "stratified" (default) estimates the same L as sum_k P(k active) E[loss | k active]:
     the empty sample's loss is one forward pass, a homogeneous model's one-active term is exact
-    (`single_feature_loss`), and the `n_nonempty` samples go to the other strata in proportion to
-    their probability. Exact strata contribute no error: exactly-one-active data give stderr 0, and
-    at small p nearly all of L is exact (95% of non-empty samples have one active feature at p = 0.001,
-    n = 100). A model with biases has only the empty sample exact and samples every other stratum.
+    (`single_feature_loss`), and every other stratum gets the samples that `n_nonempty` non-empty
+    samples of the input distribution would hold on average (proportional allocation; at least 2).
+    So the estimate is at least as precise as the dense one from `n_nonempty` non-empty samples
+    (stratifying removes the between-strata variance, and exact strata have none), while it draws
+    only the non-exact part: at p = 0.001, n = 100, 95% of non-empty samples have one active feature
+    and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model with biases has only the empty sample exact and samples every other stratum.
     `feature_probability` (K floats) evaluates at other p than the trained ones.
     """
     require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
@@ -368,8 +370,8 @@ class StrataPlan:
 
     probability (K, n + 1): P(k active | p) per instance; `exact`: strata computed, not sampled;
     `sampled`: strata sampled, those with a share of at least 1e-12 of the non-empty samples of some
-    instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k samples for stratum k
-    in proportion to its probability (the largest share over instances), at least 2. `instances[k]`:
+    instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k = n_nonempty P(k) /
+    P(non-empty) samples for stratum k (the largest over instances), at least 2. `instances[k]`:
     the instances that sample stratum k (those for which it is not negligible), None for all: a run
     of p from 0.001 to 1 draws each stratum for the few instances it matters to, not for all K.
     """
@@ -396,7 +398,7 @@ def plan_strata(
     instances = {k: None if needs[:, k].all() else tuple(needs[:, k].nonzero().flatten().tolist()) for k in sampled}
     batches = []
     if sampled:
-        share = (probability[:, sampled] / probability[:, sampled].sum(dim=1, keepdim=True)).amax(dim=0)
+        share = (probability[:, sampled] / nonempty).amax(dim=0)  # of the non-empty samples
         for k, fraction in zip(sampled, share.tolist(), strict=True):
             count = max(2, math.ceil(n_nonempty * fraction))
             batches += [
