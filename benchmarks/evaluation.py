@@ -96,12 +96,8 @@ def main() -> None:
     ours = timed(lambda: evaluate_at(model, task, EVAL_P, nonempty) and evaluate(model, task, nonempty))[0]
     pairs = [[*EVAL_P, p] for p in TRAINED_P]
     dense = dense_seconds(model, task, pairs, nonempty, options.dense_models)
-    row(
-        "sparsity regimes: 10 models x (10 evaluation p + trained p)",
-        ours,
-        dense,
-        f"dense on {options.dense_models} models, scaled",
-    )
+    scaled = f"dense on {options.dense_models} models, scaled"
+    row("sparsity regimes: 10 models x (10 evaluation p + trained p)", ours, dense, scaled)
 
     sweep = Task([Instance(0.01, sigma=0.001 * i, mixing=mixing) for i in range(82)], N)
     sweep_model = MLP(n_features=N, d_mlp=D_MLP, seeds=list(range(82)))
