@@ -263,7 +263,8 @@ def evaluate(
     So the estimate is at least as precise as the dense one from `n_nonempty` non-empty samples
     (stratifying removes the between-strata variance, and exact strata have none), while it draws
     only the non-exact part: at p = 0.001, n = 100, 95% of non-empty samples have one active feature
-    and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model with biases has only the empty sample exact and samples every other stratum.
+    and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model
+    with biases has only the empty sample exact and samples every other stratum.
     `feature_probability` (K floats) evaluates at other p than the trained ones.
     """
     require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")

@@ -323,8 +323,8 @@ def sparsity_regimes(runs: list[Run], figures: Path) -> Section:
     sparse, dense = rows[0], rows[-1]
     crossover = _crossover([r for r in run.rows_by_p if r["p"] == sparse["p"]])
     if crossover:
-        label = f"{sparse.get('mixing', '?')} M, sigma {sparse.get('sigma', float('nan')):g}"
-        claims.append((f"Trained at p = {sparse['p']:g} with a {label}, {crossover[0]}", *crossover[1:]))
+        label = f"{sparse.get('mixing', '?')} M (sigma {sparse.get('sigma', float('nan')):g})"
+        claims.append((f"Trained at p = {sparse['p']:g} with the {label}, {crossover[0]}", *crossover[1:]))
     if spread:
         claims.append(
             (
@@ -551,7 +551,7 @@ def semi_nmf(runs: list[Run], figures: Path) -> Section:
     mlp = by_bernoulli.get("MLP")
     if mlp:
         lines += ["", "Bernoulli data at p = 0.01, asymmetric M, sigma 0.01 (`semi_nmf_trained.yaml`):", ""]
-        rows = [{"model": v, **run.rows[0]} for v, run in by_bernoulli.items()]
+        rows = [{**run.rows[0], "model": v} for v, run in by_bernoulli.items()]
         lines += _table(rows, ["model", "p", "loss_per_feature", "loss_per_feature_stderr"])
         for orientation in ("authors", "direct"):
             nmf = by_bernoulli.get(f"SemiNMF ({orientation})")
@@ -598,19 +598,7 @@ def rank_study(runs: list[Run], figures: Path) -> Section:
         entry["learned sigma"] = f"{entry['sigma']:.4f} ± {entry['sigma_sem']:.4f}"
     lines += _table(summary, ["rank", "seeds", "effective rank", "L/p", "learned sigma"])
     lines += ["", "Means ± standard errors over the seeds (each seed its own M, data and initialisation)."]
-    claims = []
-    if len(summary) >= 2:
-        full, lowest = summary[0], summary[-1]
-        claims.append(
-            (
-                "A mixing matrix of lower effective rank gives a smaller advantage over naive (higher L/p)",
-                lowest["loss_per_feature"] - lowest["loss_per_feature_sem"]
-                > full["loss_per_feature"] + full["loss_per_feature_sem"],
-                f"effective rank {full['mixing_effective_rank']:.0f}: {full['L/p']}; "
-                f"effective rank {lowest['mixing_effective_rank']:.0f}: {lowest['L/p']}",
-            )
-        )
-    return Section("Rank study (`rank_study.yaml`)", lines, claims)
+    return Section("Rank study (`rank_study.yaml`)", lines, [])
 
 
 def training_curves(fit_directory: Path) -> dict[int, tuple[list[int], list[float]]]:

@@ -110,7 +110,7 @@ def test_report_judges_the_sparse_dense_crossover_from_results_by_p(tmp_path):
     report = (tmp_path / "report.md").read_text()
     line = claim_line(
         report,
-        "Trained at p = 0.001 with a gaussian M, sigma 0.02, the trained model beats the naive loss at small p "
+        "Trained at p = 0.001 with the gaussian M (sigma 0.02), the trained model beats the naive loss at small p "
         "and loses to it at large p",
     )
     assert "| yes |" in line and "at p = 1: 0.1200 ± 0.0001" in line
