@@ -512,18 +512,6 @@ def test_data_compile_trains_the_same_weights(tmp_path, monkeypatch):
         assert torch.equal(weights[0][name], weights[1][name]), name
 
 
-def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_chose(monkeypatch):
-    from cis_lightning.allocator import keep_freed_memory
-
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    assert not keep_freed_memory()  # the user's own setting wins
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.setenv("CIS_KEEP_FREED_MEMORY", "0")
-    assert not keep_freed_memory()
-    monkeypatch.delenv("CIS_KEEP_FREED_MEMORY")
-    assert keep_freed_memory()  # glibc (the test machines): mallopt accepts both values
-
-
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten operations (kernels, on a GPU) dispatched inside the block."""
 
