@@ -160,7 +160,8 @@ class CISCLI(LightningCLI):
             check_fits(checkpoint, expected, path)
             self._checkpoint = None
         # Atomic checkpoint writes and weights-only reads, unless the config names its own CheckpointIO.
-        trainer = self._get(self.config_init, "trainer", default={})
+        config = self.config_init if self.subcommand is None else self.config_init[self.subcommand]
+        trainer = config.get("trainer", {})
         plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
