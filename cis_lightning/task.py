@@ -484,6 +484,18 @@ class SparseInput:
         """The same entries with values in `dtype`."""
         return self if self.value.dtype == dtype else dataclasses.replace(self, value=self.value.to(dtype))
 
+    def without_empty_rows(self) -> SparseInput:
+        """The non-empty samples only, (K, R, n) with R the most non-empty samples of any instance
+        (an instance with fewer gets empty rows at the end), in their order. Reads R on the host."""
+        b = self.batch_size
+        real = self.row < b
+        first = real.clone()  # the first entry of every non-empty sample (rows are sorted)
+        first[:, 1:] &= self.row[:, 1:] != self.row[:, :-1]
+        compact = torch.cumsum(first, dim=1) - 1  # each entry's row among the non-empty samples
+        n_rows = int(first.sum(dim=1).max()) if first.numel() else 0
+        row = torch.where(real, compact, n_rows)  # padding stays padding: row R
+        return dataclasses.replace(self, row=row, batch_size=n_rows)
+
     def relu(self) -> SparseInput:
         """ReLU(x), with the same entries."""
         return dataclasses.replace(self, value=torch.relu(self.value))

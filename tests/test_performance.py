@@ -76,6 +76,35 @@ def test_a_sparse_draw_is_exactly_the_dense_sample(rank):
     assert torch.equal(draw.dense(), task.sample(96, step=5)[:, 32 * rank : 32 * (rank + 1)])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_without_empty_rows_keeps_the_non_empty_samples_in_order(rank):
+    """Two instances at different p and a rank's padding entries: each instance's non-empty samples,
+    in order, then empty filler rows up to the fuller instance's count."""
+    task = Task([Instance(feature_probability=0.02, seed=3), Instance(feature_probability=0.05, seed=4)], 30)
+    x = task.draw(96, step=5, rank=rank, world_size=2)
+    compact, dense = x.without_empty_rows(), x.dense()
+    counts = [int((dense[k] != 0).any(dim=1).sum()) for k in range(2)]
+    assert compact.batch_size == max(counts)
+    for k in range(2):
+        kept = dense[k][(dense[k] != 0).any(dim=1)]
+        assert torch.equal(compact.dense()[k, : counts[k]], kept)
+        assert (compact.dense()[k, counts[k] :] == 0).all()
+
+
+@pytest.mark.parametrize("network_name", ["mlp", "residual, 2 layers", "mlp with biases"])
+def test_the_training_loss_is_the_mean_of_the_per_sample_loss_in_value_and_gradients(network_name):
+    """The reference `mean_loss` (on a CPU it skips the empty samples of a homogeneous model) equals
+    per_sample_loss(...).mean(1) over all samples."""
+    model = _perturbed(NETWORKS[network_name]())
+    task = TASKS["learned sigma, symmetric M"](False).double()
+    x = task.draw(300, step=4, rank=1, world_size=3).to(torch.float64)
+    params = [q for q in [*model.parameters(), task.sigma] if q.requires_grad]
+    mean, per_sample = evaluation.mean_loss(model, task, x), per_sample_loss(model, task, x).mean(dim=1)
+    torch.testing.assert_close(mean, per_sample, rtol=1e-12, atol=1e-14)
+    for a, b in zip(_gradients(mean.sum(), params), _gradients(per_sample.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 3)])
 def test_the_draw_computes_the_same_bits_in_numpy_and_in_torch(rank, world_size):
     """A CPU draws in numpy (`task._active_entries` on arrays), other devices in torch: same entries."""
