@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import itertools
 import math
 import warnings
@@ -496,35 +497,28 @@ class SparseInput:
         row = torch.where(real, compact, n_rows)  # padding stays padding: row R
         return dataclasses.replace(self, row=row, batch_size=n_rows)
 
-    def relu(self) -> SparseInput:
-        """ReLU(x), with the same entries."""
-        return dataclasses.replace(self, value=torch.relu(self.value))
-
     def times(self, weight: Tensor) -> Tensor:
         """x @ weight^T (K, B, m) for weight (K, m, n): sum over entries of value * weight[:, :, feature]."""
         k, b, n, m = self.row.shape[0], self.batch_size, self.n_features, weight.shape[1]
         # One embedding bag per sample (rows are sorted): a fused gather, scale and sum, forward and backward.
         instance = torch.arange(k, device=self.row.device)[:, None]
-        starts = torch.searchsorted(self._flat_rows(), torch.arange(k * (b + 1), device=self.row.device))
         out = torch.nn.functional.embedding_bag(
             (instance * n + self.feature).view(-1),
             weight.transpose(1, 2).reshape(k * n, m),
-            starts,
+            self.starts,
             mode="sum",
             per_sample_weights=self.value.reshape(-1).to(weight.dtype),
         )
         return out.view(k, b + 1, m)[:, :b]
 
-    def row_sum(self, values: Tensor) -> Tensor:
-        """(K, B): the sum of per-entry `values` (K, C) over the entries of each sample."""
+    @functools.cached_property
+    def starts(self) -> Tensor:
+        """(K (B + 1),): the first entry of each row in a stack of the K instances' rows (B + 1 each,
+        the last for padding), as `times`'s embedding bags take them; kept, as the rows never change."""
         k, b = self.row.shape[0], self.batch_size
-        out = torch.zeros(k * (b + 1), device=values.device, dtype=values.dtype)
-        return out.index_add(0, self._flat_rows(), values.reshape(-1)).view(k, b + 1)[:, :b]
-
-    def _flat_rows(self) -> Tensor:
-        """(K C,) row ids in a (K (B + 1), ...) stack of the K instances' rows."""
-        instance = torch.arange(self.row.shape[0], device=self.row.device)[:, None]
-        return (instance * (self.batch_size + 1) + self.row).view(-1)
+        instance = torch.arange(k, device=self.row.device)[:, None]
+        flat_rows = (instance * (b + 1) + self.row).view(-1)
+        return torch.searchsorted(flat_rows, torch.arange(k * (b + 1), device=self.row.device))
 
 
 def to_dense(x: Tensor | SparseInput) -> Tensor:
