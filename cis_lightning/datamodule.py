@@ -93,10 +93,9 @@ class CCDataModule(pl.LightningDataModule):
 
     `compile`: draw the training batches through torch.compile: the same bits from a few fused
     passes instead of 20 to 35 operations over every number drawn, after a few seconds of compiling
-    (where compiling fails, one warning, and the draw runs uncompiled). For sweeps on a CPU (K = 16:
-    0.76 ms a draw instead of 1.59), dense batches (p > 0.2; K = 10, B = 2048: 1.5 ms instead of 34)
-    and GPUs (fewer kernel launches); a sparse CPU draw small enough for numpy (K below about 6 at
-    p = 0.01) stays in numpy, which is faster there. The experiments that gain set it.
+    (where compiling fails, one warning, and the draw runs uncompiled). For sweeps on a CPU, dense
+    batches (p > 0.2) and GPUs (fewer kernel launches); a sparse CPU draw small enough for numpy
+    stays in numpy. The experiments that gain set it.
     """
 
     def __init__(
@@ -163,8 +162,8 @@ class CCDataModule(pl.LightningDataModule):
         return plan_strata(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata)
 
     # The loaders are the iterables themselves, not DataLoaders: Lightning takes any iterable, and a
-    # DataLoader (a profiler range, a fetcher and a collate per item) took 20 us per training step
-    # to hand on a pair of ints (0.4 us as a plain iterable, ad hoc).
+    # DataLoader (a profiler range, a fetcher and a collate per item) would do a lot of work per
+    # training step to hand on a pair of ints.
     def train_dataloader(self) -> _Steps:
         # Starts at the trainer's step, so a resumed run continues the same stream.
         return _Steps(Stream.TRAIN, lambda: self.trainer.global_step)
@@ -194,7 +193,7 @@ class CCDataModule(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: tuple, device: Any, dataloader_idx: int) -> tuple:
         # A batch is a few ints until on_after_batch_transfer draws it on the device: nothing to move
-        # (Lightning's default walks it for tensors, about 8 us a step, ad hoc).
+        # (Lightning's default walks it for tensors).
         return batch
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:

@@ -8,18 +8,16 @@ every p, because an unrepresented active feature costs E[ReLU(x)^2] = 1/6 for x 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from cis_lightning.errors import require
-from cis_lightning.fused import accumulate_gradients, one_layer_loss, one_layer_mean_loss_eager
 from cis_lightning.models import CCModel
-from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, select_instances, to_dense
+from cis_lightning.task import SparseInput, Stream, Task, nonempty_probability, select_instances
 
 
 def naive_loss_per_feature(n_features: int, n_neurons: int) -> float:
@@ -43,119 +41,30 @@ def samples_for(n_nonempty: int, task: Task, feature_probability: list[float]) -
 
 
 def per_sample_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
-    """Mean squared error over features for every sample: (K, B). x (K, B, n), dense or sparse.
+    """Mean squared error over features for every sample, (K, B): ||model(x) - labels(x)||^2 / n.
 
-    A sparse batch of a model with the readout form is never made dense (`_readout_loss`); a
-    one-layer model without biases takes `fused.one_layer_loss`, the same algebra with its backward
-    written out.
-    """
-    return _loss(model, task, x, mean=False)
+    x (K, B, n), dense or sparse (the network's forward takes either). This is the reference loss:
+    training differentiates it with autograd unless the seam picks another backend
+    (`cis_lightning.backends`)."""
+    device = x.value.device.type if isinstance(x, SparseInput) else x.device.type
+    if isinstance(x, SparseInput) and torch.is_autocast_enabled(device):
+        # Mixed precision (Lightning's autocast around a step): a sparse batch runs in the model's
+        # dtype, since autocast would cast some of its products and not the embedding bags.
+        with torch.autocast(device, enabled=False):
+            return per_sample_loss(model, task, x)
+    x = x.to(task.mixing.dtype)  # the draws are float32; a float64 run's task is not
+    return (model(x) - task.labels(x, residual=model.residual)).pow(2).mean(dim=-1)
 
 
 def mean_loss(model: CCModel, task: Task, x: Tensor | SparseInput) -> Tensor:
-    """The training loss: the mean of `per_sample_loss` over the batch, (K,)."""
-    return _loss(model, task, x, mean=True)
+    """The training loss: the mean of `per_sample_loss` over the batch, (K,).
 
-
-def mean_loss_eager(model: CCModel, task: Task, x: Tensor | SparseInput) -> tuple[Tensor, Callable] | None:
-    """`mean_loss` without autograd, where x is sparse and the loss has the one-layer form
-    (`one_layer_weights`): (the losses (K,), `backward(grad)`, which adds to the gradients of the
-    model's parameters and the task's learned sigma those of sum_k grad_k loss_k), else None.
-
-    The same numbers as autograd's backward of `mean_loss` (tests/test_performance.py); the model's
-    fold of its parameters into A and W runs backward in `CCModel.one_layer_backward`."""
-    if not isinstance(x, SparseInput):
-        return None
-    with torch.no_grad():
-        weights = one_layer_weights(model)
-    if weights is None:
-        return None
-    r = _label_map(model, task)  # a learned sigma's graph: its gradient goes through autograd
-    means, gradients = one_layer_mean_loss_eager(*weights, r, x, (True, True, r is not None and r.requires_grad))
-
-    def backward(grad: Tensor) -> None:
-        grad_a, grad_w, grad_r = gradients(grad)
-        model.one_layer_backward(grad_a, grad_w)
-        accumulate_gradients((r,), (grad_r,))
-
-    return means, backward
-
-
-def one_layer_weights(model: CCModel) -> tuple[Tensor, Tensor] | None:
-    """(A, W) where a sparse batch's loss runs as `fused.one_layer_loss` (a bias-free one-layer
-    readout form), else None."""
-    if not model.has_readout_form:
-        return None
-    a, (w, b) = model.hidden_weight(), model.readout()
-    return (a, w) if a is not None and b is None else None
-
-
-def _loss(model: CCModel, task: Task, x: Tensor | SparseInput, mean: bool) -> Tensor:
-    device = x.row.device.type if isinstance(x, SparseInput) else x.device.type
-    if isinstance(x, SparseInput) and torch.is_autocast_enabled(device):
-        # Mixed precision (Lightning's autocast around a step): the sparse forms run in the model's
-        # dtype, fold included, since autocast would cast some of their products and not the bags.
-        with torch.autocast(device, enabled=False):
-            return _loss(model, task, x, mean)
-    weights = one_layer_weights(model) if isinstance(x, SparseInput) else None
-    if weights is not None:
-        return one_layer_loss(*weights, _label_map(model, task), x, mean=mean)
-    if isinstance(x, SparseInput) and model.has_readout_form:
-        loss = _readout_loss(model, task, x)
-    else:
-        x = to_dense(x).to(task.mixing.dtype)  # the draws are float32; a float64 run's task is not
-        y = task.labels(x, residual=model.residual)
-        loss = (model(x) - y).pow(2).mean(dim=-1)
-    return loss.mean(dim=1) if mean else loss
-
-
-def _readout_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
-    """per_sample_loss from the readout form, at O(B m^2 + C (n + m)) instead of O(B n m).
-
-    With y_hat = L x + W h + b and y = ReLU(x) + S x (S = sigma M, + I for a residual network),
-    the error is W' h' - u with h' = [h, 1], W' = [W, b] and u = ReLU(x) + (S - L) x, so
-    ||e||^2 = h'^T (W'^T W') h' - 2 h' . (W'^T u) + ||u||^2: the (B, n) output is never formed,
-    and W'^T u and u come from the C active entries of x alone.
-    """
-    h = model.hidden(x)  # (K, B, m)
-    w, b = model.readout()  # (K, n, m), (K, 1, n) or None
-    if b is not None:
-        h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
-        w = torch.cat([w, b.transpose(1, 2)], dim=-1)
-    r = _label_map(model, task)  # (K, n, n) or None
-    w_t = w.transpose(1, 2)  # (K, m, n)
-    relu_x = x.relu()
-    cross = relu_x.times(w_t)  # (K, B, m): W'^T ReLU(x)
-    if r is None:
-        u_sq = relu_x.row_sum(relu_x.value.pow(2))  # entries of a sample are distinct features
-    else:
-        cross = cross + x.times(w_t @ r)
-        u_sq = (relu_x.dense() + x.times(r)).pow(2).sum(dim=-1)
-    quadratic = (torch.bmm(h, w_t @ w) * h).sum(dim=-1)
-    return (quadratic - 2 * (h * cross).sum(dim=-1) + u_sq) / x.n_features
-
-
-def _label_map(model: CCModel, task: Task) -> Tensor | None:
-    """S - L (K, n, n): the labels' linear part sigma M (+ I if residual) minus the model's skip path L."""
-    if not task.has_mixing:
-        kept = model.kept_label_map()  # a residual model's I - W_E W_E^T, made once
-        if kept is not None:
-            return kept
-    r = task.scaled_mixing() if task.has_mixing else None
-    if model.residual:
-        eye = _identity(task.n_features, task.mixing.device, task.mixing.dtype)
-        r = eye if r is None else r + eye
-    skip = model.skip()
-    if skip is not None:
-        r = -skip if r is None else r - skip
-    return r
-
-
-@functools.lru_cache(maxsize=8)
-def _identity(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """I (n, n), made once per size and device (the label map asks for it every training step; never
-    changed in place)."""
-    return torch.eye(n, device=device, dtype=dtype)
+    An empty sample of a homogeneous model (no biases) has output 0, label 0, loss 0 and no
+    gradient, so a sparse batch on a CPU runs on its non-empty samples only (37% of a batch is empty
+    at p = 0.01, n = 100); elsewhere counting them would wait for the device, so all rows run."""
+    if isinstance(x, SparseInput) and model.homogeneous and x.value.device.type == "cpu":
+        return per_sample_loss(model, task, x.without_empty_rows()).sum(dim=1) / x.batch_size
+    return per_sample_loss(model, task, x).mean(dim=1)
 
 
 class LossPerFeature(Metric):
@@ -432,10 +341,13 @@ class StratifiedLossPerFeature(Metric):
         for name in ("total", "total_sq"):
             self.add_state(name, default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
-        if not plan.sampled:  # every stratum exact: compute() needs no update (torchmetrics would warn)
-            self._update_count = 1
+        if not plan.sampled:  # every stratum exact: an empty update, so that compute() does not warn
+            self.update(None)
 
-    def update(self, stratum: int, losses: Tensor, instances: Sequence[int] | None = None) -> None:
+    def update(self, stratum: int | None, losses: Tensor | None = None, instances: Sequence[int] | None = None) -> None:
+        """Add a batch of `stratum`'s (K', B) losses; stratum None adds nothing."""
+        if stratum is None:
+            return
         i, losses = self._row[stratum], losses.double()
         columns = slice(None) if instances is None else list(instances)
         self.total[i, columns] += losses.sum(dim=1)

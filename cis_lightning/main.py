@@ -6,7 +6,6 @@ cis test --ckpt_path runs/compressed_computation/version_0/checkpoints/last.ckpt
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import sys
@@ -19,11 +18,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.baselines import SVD, Naive, NaiveOffset, SemiNMF, Zero  # noqa: F401  (baselines by short name)
 from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
 from cis_lightning.datamodule import CCDataModule
@@ -49,36 +46,9 @@ TRAINER_DEFAULTS = {
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_version_counter": False}
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, the shell's convention).
 EXIT_SIGTERM = 143
-# Steps between redraws of the default progress bar. Lightning's own default redraws every step, which
-# is measurably slower on the 2-core test machine (make bench's progress-bar rows; README, Performance);
-# a bar the config brings keeps its own rate.
+# Steps between redraws of the default progress bar (Lightning's own default redraws every step, a
+# terminal write per step for a step that does little work); a bar the config brings keeps its own rate.
 PROGRESS_BAR_REFRESH = 25
-_NO_RANGE = contextlib.nullcontext()
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default profiler (which records nothing) without the cost of its ranges.
-
-    Lightning opens a profiler range around every hook it calls, about 60 a training step, and
-    PassThroughProfiler's range is a generator-based context manager: about 2 us each on the 2-core
-    test machine, 2% to 4% of a training step (README, Performance). This one hands out one shared
-    no-op context. `cis` uses it unless the config names a profiler (`--trainer.profiler simple`).
-    """
-
-    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
-        return _NO_RANGE
-
-
-class SaveConfigOnce(SaveConfigCallback):
-    """Lightning's SaveConfigCallback, which leaves the trainer's callbacks once it has saved the config.
-
-    It acts only in `setup`, yet Lightning calls each of its empty hooks, six a training step.
-    """
-
-    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # A new list: the loop that is calling this hook goes on over the old one.
-        trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self]
 
 
 class _Parser(LightningArgumentParser):
@@ -95,12 +65,23 @@ class _Parser(LightningArgumentParser):
 
 
 class CISCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any):
+        # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
+        # Lightning creates the logger's directory before the set-up hooks that can raise.
+        self.new_run_dir: Path | None = None  # the outermost directory this run creates (instantiate_trainer)
+        try:
+            super().__init__(*args, **kwargs)
+        except ConfigError:
+            trainer = getattr(self, "trainer", None)
+            started = trainer is not None and (trainer.global_step > 0 or not trainer.is_global_zero)
+            if self.new_run_dir is not None and not started:
+                shutil.rmtree(self.new_run_dir, ignore_errors=True)
+            raise
+
     def init_parser(self, **kwargs: Any):
         # Parse errors raise (run() prints them as one line) instead of printing the whole usage.
         kwargs.setdefault("exit_on_error", False)
-        parser = super().init_parser(**kwargs)
-        parser.__class__ = _Parser  # LightningCLI builds a LightningArgumentParser; only dump differs
-        return parser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data module owns the problem's size and the instance list; the network follows it.
@@ -179,7 +160,8 @@ class CISCLI(LightningCLI):
             check_fits(checkpoint, expected, path)
             self._checkpoint = None
         # Atomic checkpoint writes and weights-only reads, unless the config names its own CheckpointIO.
-        trainer = self._get(self.config_init, "trainer", default={})
+        config = self.config_init if self.subcommand is None else self.config_init[self.subcommand]
+        trainer = config.get("trainer", {})
         plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -188,30 +170,18 @@ class CISCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH)]
-        if trainer.get("profiler") is None:
-            kwargs["profiler"] = NoProfiler()
         try:
-            return super().instantiate_trainer(plugins=plugins, **kwargs)
+            trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         except ConfigError:
             raise
         except (ModuleNotFoundError, ValueError) as error:  # e.g. an accelerator whose package is missing
             raise ConfigError("trainer", " ".join(str(error).split())) from None
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
-        # Lightning creates the logger's directory before the set-up hooks that can raise.
-        log_dir = self.trainer.log_dir
-        created = None
+        log_dir = trainer.log_dir
         for path in (Path(log_dir), *Path(log_dir).parents) if log_dir else ():
             if path.exists():
                 break
-            created = path  # the outermost directory that this run would create
-        try:
-            super()._run_subcommand(subcommand)
-        except ConfigError:
-            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                shutil.rmtree(created, ignore_errors=True)
-            raise
+            self.new_run_dir = path
+        return trainer
 
     def before_fit(self) -> None:
         max_steps = self.trainer.max_steps
@@ -267,7 +237,6 @@ def run(args: list[str] | None = None) -> LightningCLI:
     Bad configuration exits 2 with one message naming the field, a diverging run 1 (its last good
     checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
     """
-    keep_freed_memory()
     from_command_line = args is None
     args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
     if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments
@@ -278,7 +247,8 @@ def run(args: list[str] | None = None) -> LightningCLI:
             CCDataModule,
             args=None if from_command_line else args,
             trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=SaveConfigOnce,
+            save_config_callback=SaveConfigCallback,
+            parser_class=_Parser,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=False,
         )

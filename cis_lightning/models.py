@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from cis_lightning.errors import check_sizes, require
-from cis_lightning.fused import accumulate_gradients
 from cis_lightning.mixing import embedding_mixing, random_embedding
 from cis_lightning.task import SparseInput, times
 
@@ -37,7 +36,7 @@ def _instance_seeds(seeds: Sequence[int]) -> list[int]:
 class CCModel(nn.Module):
     """What the training and analysis code may rely on, whatever the model.
 
-    - forward(x): (K, B, n) -> (K, B, n)
+    - forward(x): (K, B, n) -> (K, B, n), x dense or a SparseInput; the training loss differentiates it
     - effective_weights(): (W_in (K, h, n), W_out (K, n, h)) in feature space
     - effective_mixing(): (K, n, n), the mixing matrix the model itself adds (0 for an MLP)
     - residual: whether the labels include x (a residual stream carries the input to the output)
@@ -73,49 +72,6 @@ class CCModel(nn.Module):
     def homogeneous(self) -> bool:
         """f(a x) = a f(x) for a >= 0 (no biases): single-feature losses have a closed form."""
         return False
-
-    # The readout form, y_hat = x L^T + H(x) W^T + b, lets the loss skip the dense (B, n) output
-    # (`evaluation.per_sample_loss`). Models that have it say so with has_readout_form.
-    @property
-    def has_readout_form(self) -> bool:
-        """Whether forward(x) == x skip()^T + hidden(x) readout()[0]^T + readout()[1]."""
-        return False
-
-    def hidden(self, x: Tensor | SparseInput) -> Tensor:
-        """All ReLU activations H(x) (K, B, m) for x (K, B, n), dense or sparse."""
-        raise NotImplementedError
-
-    def readout(self) -> tuple[Tensor, Tensor | None]:
-        """W (K, n, m) from the activations to the output, and the output bias b (K, 1, n) or None."""
-        raise NotImplementedError
-
-    def hidden_weight(self) -> Tensor | None:
-        """A (K, m, n) when hidden(x) == ReLU(x A^T) (one layer, no bias), else None.
-
-        The training loss then runs through `fused.one_layer_loss`, whose backward is written out.
-        """
-        return None
-
-    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
-        """Add to the parameters' gradients what hidden_weight() and readout()[0] pass back when they
-        receive grad_a and grad_w (None: nothing), as autograd would (`evaluation.mean_loss_eager`).
-
-        By default through autograd, from the two made anew (in one backward, so that a parameter
-        in both, like a tied MLP's, sums its two parts as autograd does); models override it."""
-        with torch.enable_grad():
-            weights = (self.hidden_weight(), self.readout()[0])
-        kept = [i for i, grad in enumerate((grad_a, grad_w)) if grad is not None and weights[i].requires_grad]
-        if kept:
-            torch.autograd.backward([weights[i] for i in kept], [(grad_a, grad_w)[i] for i in kept])
-
-    def kept_label_map(self) -> Tensor | None:
-        """(I if residual) - skip() (K, n, n), the labels' linear part when the task mixes nothing in,
-        if the model keeps it between steps (it is fixed); None: `evaluation._label_map` makes it."""
-        return None
-
-    def skip(self) -> Tensor | None:
-        """L (K, n, n), the linear path from input to output, or None."""
-        return None
 
 
 class MLP(CCModel):
@@ -163,28 +119,9 @@ class MLP(CCModel):
         w_out = self.w_in.transpose(1, 2) if self.tied else self.w_out
         return self.w_in, w_out
 
-    @property
-    def has_readout_form(self) -> bool:
-        return type(self).forward is MLP.forward  # a subclass with its own forward must say so itself
-
-    def hidden(self, x: Tensor | SparseInput) -> Tensor:
-        pre = times(x, self.effective_weights()[0])  # (K, B, h)
-        return torch.relu(pre if self.b_hidden is None else pre + self.b_hidden)
-
-    def readout(self) -> tuple[Tensor, Tensor | None]:
-        return self.effective_weights()[1], self.b_out
-
-    def hidden_weight(self) -> Tensor | None:
-        return self.effective_weights()[0] if self.b_hidden is None else None
-
-    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
-        if self.tied:  # W_out = W_in^T: both gradients go to W_in (autograd adds them)
-            return super().one_layer_backward(grad_a, grad_w)
-        accumulate_gradients((self.w_in, self.w_out), (grad_a, grad_w))
-
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | SparseInput) -> Tensor:
         w_in, w_out = self.effective_weights()
-        pre = torch.bmm(x, w_in.transpose(1, 2))  # (K, B, h)
+        pre = times(x, w_in)  # W_in x (K, B, h); a sparse x as an embedding bag over its active entries
         if self.b_hidden is not None:
             pre = pre + self.b_hidden
         y = torch.bmm(torch.relu(pre), w_out.transpose(1, 2))  # (K, B, n)
@@ -235,27 +172,25 @@ class ResidualMLP(CCModel):
         self.register_buffer("w_embed", torch.stack(w_embed))
         self.w_in = nn.Parameter(torch.stack(w_in))
         self.w_out = nn.Parameter(torch.stack(w_out))
-        # G = W_E W_E^T (K, n, n) costs n^2 D per instance: made once, and again whenever W_E is
-        # loaded or converted (a float32 G cast to float64 would not be W_E W_E^T in float64).
-        # The labels' linear part without mixing, I - G (`kept_label_map`), is kept with G: as the
-        # transpose of a dense array, so that the C path reads R^T as it is.
+        # G = W_E W_E^T (K, n, n) costs n^2 D per instance: kept (`gram`) for the W_E it was made
+        # from, and made again when W_E is replaced (a cast or a move: a float32 G cast to float64
+        # would not be W_E W_E^T in float64) or loaded.
         self.register_buffer("embed_gram", None, persistent=False)
-        self.register_buffer("_label_map_t", None, persistent=False)
-        self._refresh_gram(self)
-        self.register_load_state_dict_post_hook(ResidualMLP._refresh_gram)
+        self._gram_of: Tensor | None = None  # the W_E tensor that embed_gram was made from
+        self.gram()
+        self.register_load_state_dict_post_hook(ResidualMLP._forget_gram)
 
     @staticmethod
-    def _refresh_gram(module: ResidualMLP, incompatible_keys=None) -> None:
-        with torch.no_grad():
-            w_e = module.w_embed
-            module.embed_gram = w_e @ w_e.transpose(1, 2)
-            eye = torch.eye(module.n_features, device=w_e.device, dtype=w_e.dtype)
-            module._label_map_t = (eye - module.embed_gram).transpose(1, 2).contiguous()
+    def _forget_gram(module: ResidualMLP, incompatible_keys=None) -> None:
+        module._gram_of = None  # load_state_dict copies into W_E in place
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._refresh_gram(self)
-        return self
+    def gram(self) -> Tensor:
+        """G = W_E W_E^T (K, n, n), symmetric, made again whenever W_E changed."""
+        if self._gram_of is not self.w_embed:
+            with torch.no_grad():
+                self.embed_gram = torch.bmm(self.w_embed, self.w_embed.transpose(1, 2))
+            self._gram_of = self.w_embed
+        return self.embed_gram
 
     @property
     def n_neurons(self) -> int:
@@ -265,60 +200,20 @@ class ResidualMLP(CCModel):
     def homogeneous(self) -> bool:
         return True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | SparseInput) -> Tensor:
         w_e = self.w_embed
         a = self.w_in @ w_e[:, None].transpose(-1, -2)  # (K, L, h, n)
         b = w_e[:, None] @ self.w_out  # (K, L, n, h)
-        y = torch.bmm(x, self.embed_gram)  # W_E W_E^T is symmetric
+        y = times(x, self.gram())  # W_E W_E^T x (G is symmetric)
         hidden: list[Tensor] = []
         for layer in range(self.n_layers):
-            pre = torch.bmm(x, a[:, layer].transpose(1, 2))
+            pre = times(x, a[:, layer])
             for j, h_j in enumerate(hidden):
                 c = self.w_in[:, layer] @ self.w_out[:, j]  # (K, h, h)
                 pre = pre + torch.bmm(h_j, c.transpose(1, 2))
             hidden.append(torch.relu(pre))
             y = y + torch.bmm(hidden[-1], b[:, layer].transpose(1, 2))
         return y
-
-    @property
-    def has_readout_form(self) -> bool:
-        return type(self).forward is ResidualMLP.forward
-
-    def hidden(self, x: Tensor | SparseInput) -> Tensor:
-        """[h_1, ..., h_L] (K, B, L h): h_l = ReLU(A_l x + sum_{j<l} C_lj h_j), as in `forward`."""
-        a = self.w_in @ self.w_embed[:, None].transpose(-1, -2)  # (K, L, h, n)
-        hidden: list[Tensor] = []
-        for layer in range(self.n_layers):
-            pre = times(x, a[:, layer])
-            for j, h_j in enumerate(hidden):
-                pre = pre + torch.bmm(h_j, (self.w_in[:, layer] @ self.w_out[:, j]).transpose(1, 2))
-            hidden.append(torch.relu(pre))
-        return torch.cat(hidden, dim=-1)
-
-    def readout(self) -> tuple[Tensor, None]:
-        """[B_1, ..., B_L] (K, n, L h), B_l = W_E W_out_l."""
-        k, n = self.n_instances, self.n_features
-        if self.n_layers == 1:  # one batched product, no broadcast over layers
-            return torch.bmm(self.w_embed, self.w_out.flatten(1, 2)), None
-        return (self.w_embed[:, None] @ self.w_out).permute(0, 2, 1, 3).reshape(k, n, -1), None
-
-    def hidden_weight(self) -> Tensor | None:
-        # flatten, not [:, 0]: the gradient of a view is a view, that of a select a new zero tensor.
-        return torch.bmm(self.w_in.flatten(1, 2), self.w_embed.transpose(1, 2)) if self.n_layers == 1 else None
-
-    def one_layer_backward(self, grad_a: Tensor | None, grad_w: Tensor | None) -> None:
-        # A = W_in W_E^T and W = W_E W_out (one layer; `hidden_weight`, `readout`): autograd's
-        # backward of the two products, the same calls.
-        with torch.no_grad():
-            grad_in = None if grad_a is None else torch.bmm(grad_a, self.w_embed).view_as(self.w_in)
-            grad_out = None if grad_w is None else torch.bmm(self.w_embed.transpose(1, 2), grad_w).view_as(self.w_out)
-        accumulate_gradients((self.w_in, self.w_out), (grad_in, grad_out))
-
-    def skip(self) -> Tensor:
-        return self.embed_gram
-
-    def kept_label_map(self) -> Tensor:
-        return self._label_map_t.transpose(1, 2)  # I - G, the values `evaluation._label_map` would make
 
     def forward_direct(self, x: Tensor) -> Tensor:
         """The residual stream as written by Braun et al., in d_embed dimensions."""

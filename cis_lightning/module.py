@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import math
 import os
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from cis_lightning import fused
+from cis_lightning.backends import check_loss_backend, fast_path_problem, training_loss
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.evaluation import (
     StratifiedLossPerFeature,
@@ -24,18 +21,17 @@ from cis_lightning.evaluation import (
     exact_losses,
     exact_strata,
     mean_loss,
-    mean_loss_eager,
     naive_loss_per_feature,
-    one_layer_weights,
     stratum_losses,
 )
 from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
-from cis_lightning.optim import AdamW
 from cis_lightning.task import Task, nonempty_steps, training_instances
 
 _NEVER = torch.iinfo(torch.int64).max
+# Device types whose tensors Python reads without waiting for a device (`_watch_finite`).
+HOST_DEVICES = ("cpu",)
 
 
 def instance_tag(k: int) -> str:
@@ -88,22 +84,14 @@ class CCModule(pl.LightningModule):
     `compile`: run the training loss through torch.compile (worth it on a GPU, where a step costs
     kernel launches; the first step then takes tens of seconds to compile).
 
-    Inside fit, in one process at Lightning's plain 32-bit precision and without `compile`, a
-    one-layer network's training step computes its gradients without autograd: `training_step`
-    keeps the fused loss's written-out backward (`evaluation.mean_loss_eager`) and `backward`, the
-    hook Lightning calls with the loss, runs it (the same gradients bit for bit; Lightning's hooks,
-    clipping and accumulation as before). Elsewhere (DDP, mixed precision, other networks) the
-    loss goes through autograd.
+    `loss_backend`: how the training loss and its gradients are computed (`cis_lightning.backends`):
+    "reference" differentiates the network's own `forward` with autograd; "fast" runs the same loss
+    with its backward written out (a bias-free one-layer network on sparse float32 batches in one CPU
+    process, no compile; elsewhere it is refused); "auto" (default) takes fast where it applies and
+    reference elsewhere. Evaluation always runs the network's `forward`.
 
     `threads`: torch's intra-op threads while training (validation and test keep the process's own,
-    and the process gets its own back when fit ends or fails). None: 1 where a training step is
-    mostly single-threaded host work, which a second thread only slows down (its spinning worker
-    takes the other core): one instance of a network without a frozen embedding whose loss runs its
-    bags in C (sparse batches of a bias-free one-layer model, float32 on a CPU, K B below
-    `fused.MERGE_SINGLE_FROM`; `automatic_threads`). On the 2-core test machine that made `cis fit`
-    of the paper's MLP 1.04x to 1.11x as fast, while the residual model (whose folded weights are
-    products with d_embed = 1000) and two or more instances ran faster on two threads (README,
-    Performance). Otherwise None leaves torch's setting as it is.
+    and the process gets its own back when fit ends or fails). None leaves torch's setting as it is.
 
     `sigma_lr`, `sigma_weight_decay`: the learning rate and weight decay of a learned sigma
     (data.learn_sigma; None: `lr` and `weight_decay`), in its own param group of the same AdamW,
@@ -127,6 +115,7 @@ class CCModule(pl.LightningModule):
         sigma_lr: float | None = None,
         sigma_weight_decay: float | None = None,
         threads: int | None = None,
+        loss_backend: str = "auto",
     ):
         super().__init__()
         require(
@@ -157,7 +146,7 @@ class CCModule(pl.LightningModule):
         require(
             threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
             "model.threads",
-            f"must be an integer >= 1 or null (automatic), got {threads!r}",
+            f"must be an integer >= 1 or null (torch's setting), got {threads!r}",
         )
         self.threads = threads
         self._threads_outside: int | None = None  # torch's threads before training set its own
@@ -178,21 +167,10 @@ class CCModule(pl.LightningModule):
         # first step. The sampler stays eager (inductor cannot print SplitMix64's 64-bit constants).
         require(isinstance(compile, bool), "model.compile", f"must be true or false, got {compile!r}")
         self.compile = compile
+        self.loss_backend = check_loss_backend(loss_backend)
+        # The reference until fit's setup has the trainer to choose with (`_choose_training_loss`).
+        self.training_backend = "reference"  # the backend training steps run: "reference" or "fast"
         self._training_loss = torch.compile(mean_loss, dynamic=False) if compile else mean_loss
-        # Inside fit, a one-layer network's training step computes its gradients without autograd
-        # (`backward`), where `_eager_backward_applies`; outside fit, training_step's loss has a graph.
-        self._eager_backward = False
-        self._pending_backward = None
-        self._loss_gradient: tuple[tuple, Tensor] | None = None  # (its setting, the losses' gradient)
-
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning sets _current_fx_name around every hook it calls, about 44 times a training step,
-        # and nn.Module's __setattr__ looks the name up among parameters, buffers and submodules each
-        # time (about 50 us a step in all). A plain string goes straight into the instance.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def setup(self, stage: str) -> None:
         # The data module owns the task (inputs, M, sigma); the module holds it so that the
@@ -221,6 +199,8 @@ class CCModule(pl.LightningModule):
                 raise ConfigError("model.init_from", f"{self.init_from} does not fit this network: {problem}") from None
         # Hand-made baselines build their weights from the task (M, p) here; trained models ignore it.
         self.network.fit_to(self.task)
+        if stage == "fit":
+            self._choose_training_loss()
         # Validation and test compute these strata instead of sampling them (homogeneous models: k = 1 too).
         datamodule.exact_strata = exact_strata(self.network)
 
@@ -236,9 +216,8 @@ class CCModule(pl.LightningModule):
             # per-instance factor lr_k(t) / lr(t) is the same for both groups.
             sigma_group = {"params": [self.task.sigma], "lr": self.sigma_lr, "weight_decay": self.sigma_weight_decay}
             groups.append(sigma_group)
-        # torch's fused AdamW (one kernel for all parameters, torch >= 2.4 on CPU and CUDA), stepped
-        # with less Python per step (`cis_lightning.optim`).
-        optimizer = AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        # torch's fused AdamW: one kernel for all parameters (torch >= 2.4 on CPU and CUDA).
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -269,18 +248,8 @@ class CCModule(pl.LightningModule):
             for p, old in zip(params, before, strict=True):  # every parameter has the instance axis first
                 p.copy_(torch.lerp(old, p, factor.view(-1, *[1] * (p.dim() - 1)).to(p.dtype)))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning calls this every step, and its default validates the settings before it finds that
-        # there is nothing to clip (trainer.gradient_clip_val unset or 0): skip that unless asked to clip.
-        if gradient_clip_val:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        eager = mean_loss_eager(self.network, self.task, x) if self._eager_backward else None
-        if eager is not None:  # `backward` computes the gradients
-            losses, self._pending_backward = eager
-        else:
-            losses = self._training_loss(self.network, self.task, x)  # (K,)
+        losses = self._training_loss(self.network, self.task, x)  # (K,)
         self._watch_finite(losses)
         if self._logging_this_step():
             self._stop_if_diverged()
@@ -288,59 +257,50 @@ class CCModule(pl.LightningModule):
             training = training_instances(self.instance_steps(), self.global_step)
             if len(training) < self.task.n_instances:  # a frozen instance's batch is empty
                 losses, p = losses[training], p[training]
-            # Not prog_bar: Lightning converts progress-bar values to numbers at every step's end,
-            # long after they were logged, which is a host sync per step.
-            self.log("train/loss", losses.mean(), on_step=True)
-            self.log("train/loss_per_feature", (losses / p).mean(), on_step=True)
+            metrics = {"train/loss": losses.mean(), "train/loss_per_feature": (losses / p).mean()}
             if self.task.n_instances > 1:  # each instance's own curve (the transplant figure splices them)
-                per_instance = dict(zip(map(instance_tag, training), (losses / p).unbind(), strict=True))
-                self.log_dict(per_instance, on_step=True)
+                metrics |= dict(zip(map(instance_tag, training), (losses / p).unbind(), strict=True))
             if self.task.sigma.requires_grad:
-                self.log("train/sigma", self.task.sigma_value().mean(), on_step=True)
+                metrics["train/sigma"] = self.task.sigma_value().mean()
+            self._log_training(metrics)
         return losses.sum()
 
-    # Lightning asks for training_step's signature every step (whether to pass batch_idx), and inspect
-    # builds it anew each time unless the function carries it: about 14 us a step here (ad hoc).
-    training_step.__signature__ = inspect.signature(training_step)
-
-    def backward(self, loss: Tensor, *args, **kwargs) -> None:
-        pending, self._pending_backward = self._pending_backward, None
-        if pending is None:
-            return super().backward(loss, *args, **kwargs)
-        # The gradient autograd gives the K losses: Lightning's loss is their sum / accumulate_grad_batches
-        # (which a GradientAccumulationScheduler may change between epochs), made once per setting.
-        setting = (self.trainer.accumulate_grad_batches, self.task.n_instances, loss.dtype, loss.device)
-        if self._loss_gradient is None or self._loss_gradient[0] != setting:
-            gradient = torch.ones((), dtype=loss.dtype, device=loss.device).div(setting[0])
-            self._loss_gradient = (setting, gradient.expand(setting[1]))
-        pending(self._loss_gradient[1])
-
-    def _eager_backward_applies(self) -> bool:
-        """Whether training steps may compute their gradients without autograd (`backward`): one
-        process (DDP reduces gradients in autograd's hooks), plain 32-bit precision (mixed precision
-        scales the loss), no compiled loss, and a network whose loss has the one-layer form."""
+    def _choose_training_loss(self) -> None:
+        """The training loss of `loss_backend` for this trainer (the seam, `cis_lightning.backends`)."""
         trainer = self.trainer
-        return (
-            not self.compile
-            and isinstance(trainer.strategy, SingleDeviceStrategy)
-            and type(trainer.precision_plugin) is Precision
-            and one_layer_weights(self.network) is not None
+        problem = fast_path_problem(
+            self.network,
+            self.task,
+            trainer.strategy.root_device,
+            world_size=trainer.world_size,
+            precision=str(trainer.precision),
+            compiled=self.compile,
         )
+        loss = training_loss(self.loss_backend, problem)
+        self.training_backend = "reference" if loss is mean_loss else "fast"
+        self._training_loss = torch.compile(loss, dynamic=False) if self.compile else loss
 
     def _logging_this_step(self) -> bool:
-        """Log only on the steps the logger writes, so that the other steps make no host sync.
+        """Log on every `trainer.log_every_n_steps`-th step only, so that the other steps make no host sync."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
-        Lightning's own LearningRateMonitor asks the same (internal) question.
-        """
-        return self.trainer._logger_connector.should_update_logs
+    def _log_training(self, metrics: dict[str, Tensor]) -> None:
+        """Write the training metrics of this step to the loggers now, at step index global_step.
+
+        Through the logger API rather than self.log, which hands them to the loggers only after the
+        batch's checkpoint (`RunCheckpoint`) was written: a kill in between would lose the step."""
+        numbers = torch.stack([value.detach().double() for value in metrics.values()]).tolist()  # one host sync
+        values = dict(zip(metrics, numbers, strict=True))
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+        for name, value in values.items():  # callbacks and the progress bar still see them
+            self.log(name, value, on_step=True, logger=False)
 
     # -- threads --------------------------------------------------------------------------------
     def training_threads(self) -> int | None:
         """torch's threads for training steps (`threads`; None: leave torch's setting)."""
-        if self.threads is not None:
-            return self.threads
-        local_batch = self.trainer.datamodule.batch_size // self.trainer.world_size
-        return automatic_threads(self.network, self.task, local_batch, self.device)
+        return self.threads
 
     def _use_training_threads(self) -> None:
         threads = self.training_threads()
@@ -365,7 +325,6 @@ class CCModule(pl.LightningModule):
     # -- divergence -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._use_training_threads()
-        self._eager_backward = self._eager_backward_applies()
         steps = self.instance_steps()
         self.trainer.datamodule.train_steps = steps if len(set(steps)) > 1 else None
         # The step at which each instance's loss was first non-finite (_NEVER: not yet). A device
@@ -377,9 +336,8 @@ class CCModule(pl.LightningModule):
         if getattr(self, "_first_nonfinite", None) is None:  # a training step outside fit()
             return
         # Where the loss runs on the host, reading the K losses waits for no device: a look at them
-        # in Python, and the three operations below only on a non-finite step (they took some 50 to
-        # 80 us of a 1.7 ms step in one fit, ad hoc).
-        if losses.device.type in fused.HOST_PATH_ON and all(map(math.isfinite, losses.tolist())):
+        # in Python, and the three operations below only on a non-finite step.
+        if losses.device.type in HOST_DEVICES and all(map(math.isfinite, losses.tolist())):
             return
         first = self._first_nonfinite  # steps only grow, so min(first, step) keeps the earliest
         self._first_nonfinite = torch.where(torch.isfinite(losses.detach()), first, first.clamp(max=self.global_step))
@@ -416,9 +374,8 @@ class CCModule(pl.LightningModule):
         self._stop_if_diverged(check_weights=True)
 
     def leave_training(self) -> None:
-        """Undo what training set for itself (torch's threads, the eager backward): fit ended or failed."""
+        """Undo what training set for itself (torch's threads): fit ended or failed."""
         self.restore_threads()
-        self._eager_backward, self._pending_backward = False, None
 
     def on_train_end(self) -> None:
         self.leave_training()
@@ -543,17 +500,6 @@ class CCModule(pl.LightningModule):
             os.replace(tmp, path)
 
 
-def automatic_threads(network: CCModel, task: Task, local_batch: int, device: torch.device) -> int | None:
-    """`CCModule`'s threads=None: 1 where a training step is mostly single-threaded host work (one
-    instance of a network without a frozen embedding, whose sparse batches' loss runs its bags in C),
-    else None. A residual network's folded weights are products with d_embed numbers, which two
-    threads run faster."""
-    if task.n_instances > 1 or network.residual or not task.draws_sparse:
-        return None
-    weights = one_layer_weights(network)
-    return 1 if weights is not None and fused.bags_in_c(device, weights[0].dtype, local_batch) else None
-
-
 def _network_weights(path: str) -> dict[str, Tensor]:
     """The network's state dict from a Lightning checkpoint or a run's weights.pt, read as data only."""
     state = read_checkpoint(path, field="model.init_from", lightning=False)
@@ -594,4 +540,4 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "TrainingDiverged", "automatic_threads", "format_results"]
+__all__ = ["CCModule", "ConfigError", "RESULT_COLUMNS", "TrainingDiverged", "format_results"]

@@ -8,8 +8,10 @@ with its seed draws, while all K instances are drawn in one batched kernel (see 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
+import functools
 import itertools
 import math
 import warnings
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cis_lightning import native, rng
+from cis_lightning import rng
 from cis_lightning.errors import require
 from cis_lightning.mixing import Mixing, build_mixing
 
@@ -195,11 +197,22 @@ class Task(nn.Module):
         self.register_buffer("feature_probability", torch.tensor([i.feature_probability for i in instances]))
         self.register_buffer("seeds", torch.tensor([i.seed for i in instances], dtype=torch.int64))
         self.register_buffer("learn_sigma", torch.tensor([i.learn_sigma for i in instances]))
-        self._stream_bases: dict[int, tuple] = {}  # stream -> (seeds it was made from, their version, base)
-        self._probabilities: dict[tuple, Tensor] = {}  # (override p values, device) -> p (K,)
-        self._log1m_p: dict[int, tuple] = {}  # id(p) -> (p, its version, log(1 - p))
+        self.forget_kept()
         learned = any(i.learn_sigma for i in instances)
         self.sigma = nn.Parameter(torch.tensor([float(i.sigma) for i in instances]), requires_grad=learned)
+        # Loading copies into the buffers in place: what was kept from them is made again.
+        self.register_load_state_dict_post_hook(Task._after_load)
+
+    @staticmethod
+    def _after_load(module: Task, incompatible_keys=None) -> None:
+        module.forget_kept()
+
+    def forget_kept(self) -> None:
+        """Drop the values kept from the buffers (`_stream_base`, `_log1m`, `_probability`): each is
+        kept for the tensor it was made from, so a cast or a move (new tensors) makes them again."""
+        self._stream_bases: dict[int, tuple] = {}  # stream -> (the seeds tensor it was made from, base)
+        self._probabilities: dict[tuple, Tensor] = {}  # (override p values, device) -> p (K,)
+        self._log1m_p: dict[int, tuple] = {}  # id(p) -> (p, log(1 - p))
 
     @property
     def n_instances(self) -> int:
@@ -213,16 +226,17 @@ class Task(nn.Module):
         """sigma_k M_k (K, n, n)."""
         return self.sigma_value()[:, None, None] * self.mixing
 
-    def labels(self, x: Tensor, residual: bool = False) -> Tensor:
+    def labels(self, x: Tensor | SparseInput, residual: bool = False) -> Tensor:
         """y = ReLU(x) + sigma M x (+ x for a residual network: Braun et al.'s x + ReLU(x)).
 
-        x, y: (K, B, n) in row form, so M x is x @ M^T.
+        x (dense or sparse), y: (K, B, n) in row form, so M x is x @ M^T.
         """
-        y = torch.relu(x)
+        dense = to_dense(x)
+        y = torch.relu(dense)
         if residual:
-            y = y + x
+            y = y + dense
         if self.has_mixing:
-            y = y + torch.bmm(x, self.scaled_mixing().transpose(1, 2))
+            y = y + times(x, self.scaled_mixing())
         return y
 
     def sample(
@@ -294,22 +308,22 @@ class Task(nn.Module):
         return torch.from_numpy(key) if isinstance(key, np.ndarray) else key
 
     def _stream_base(self, stream: int) -> Tensor | np.ndarray:
-        """rng.stream_base(seeds, stream) (K,), a numpy array on a CPU; kept until the seeds change."""
+        """rng.stream_base(seeds, stream) (K,), a numpy array on a CPU; kept for the seeds tensor."""
         seeds = self.seeds
         cached = self._stream_bases.get(stream)
-        if cached is None or cached[0] is not seeds or cached[1] != seeds._version:
+        if cached is None or cached[0] is not seeds:
             base = rng.stream_base(seeds, stream)
-            cached = (seeds, seeds._version, base.numpy() if base.device.type == "cpu" else base)
+            cached = (seeds, base.numpy() if base.device.type == "cpu" else base)
             self._stream_bases[stream] = cached
-        return cached[2]
+        return cached[1]
 
     def _log1m(self, p: Tensor) -> Tensor:
         """log(1 - p) in float64 (K,), kept per p tensor (the buffer, or a kept override)."""
         cached = self._log1m_p.get(id(p))
-        if cached is None or cached[0] is not p or cached[1] != p._version:
-            cached = (p, p._version, torch.log1p(-p.double()))
+        if cached is None or cached[0] is not p:
+            cached = (p, torch.log1p(-p.double()))
             self._log1m_p[id(p)] = cached
-        return cached[2]
+        return cached[1]
 
     def sample_active(
         self,
@@ -353,8 +367,7 @@ class Task(nn.Module):
 
     def _dense(self, key: Tensor, p: Tensor, local: int, rank: int, compiled: bool = False) -> Tensor:
         """This rank's rows (`_dense_input`); `compiled`: the same bits from one fused pass instead of
-        some 20 passes over K B n numbers (at K = 10, B = 2048 on the 2-core machine 1.5 ms a draw
-        instead of 34)."""
+        some 20 passes over K B n numbers."""
         n = self.n_features
         # Row r's entries are global entries r n .. r n + n - 1: this rank's are one range.
         entries = rng.range_counters(local * n, key.device, start=rank * local * n).view(local, n)
@@ -371,23 +384,18 @@ class Task(nn.Module):
         p_max: float,
         compiled: bool = False,
     ) -> SparseInput:
-        """Draw only the active entries (`_active_entries`); a small CPU draw in C (`native`) or numpy,
-        others in torch, compiled or not: the same bits every way."""
+        """Draw only the active entries (`_active_entries`); a small CPU draw in numpy, others in torch,
+        compiled or not: the same bits every way."""
         n = self.n_features
         mean = batch_size * n * p_max
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
         log1m_p = self._log1m(p)
-        # numpy's per-call cost on a few thousand numbers is a fraction of torch's; past some 10^4
-        # numbers torch's threads win (on 2 cores: numpy at K = 1, torch from K of about 8 at p = 0.01).
-        # Compiled, the ~35 operations on (K, 2 count) numbers become a few fused passes (but numpy's
-        # small draws stay faster: 0.18 ms against 0.23 at K = 1).
+        # numpy's per-call cost on a few thousand numbers is a fraction of torch's; on large draws
+        # torch's threads win. Compiled, the ~35 operations on (K, 2 count) numbers become a few fused passes.
         sizes = (batch_size * n, count, n, local, rank)
         if p.device.type == "cpu" and self.n_instances * 2 * count <= _HOST_DRAW_MAX:
-            uniforms, lib = rng.range_counters(2 * count, "numpy"), native.library()
-            if lib is not None:  # the same bits from one C call, which hashes the step's key too
-                entries = native.active_entries(lib, self._stream_base(stream), step, log1m_p.numpy(), uniforms, *sizes)
-                return SparseInput(*entries, batch_size=local, n_features=n)
+            uniforms = rng.range_counters(2 * count, "numpy")
             key = self._key(stream, step)[:, None].numpy()
             with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
                 entries = _active_entries(key, log1m_p.numpy(), uniforms, *sizes)
@@ -498,35 +506,44 @@ class SparseInput:
         x.scatter_(1, self.row * n + self.feature, self.value)
         return x[:, : b * n].view(k, b, n)
 
-    def relu(self) -> SparseInput:
-        """ReLU(x), with the same entries."""
-        return dataclasses.replace(self, value=torch.relu(self.value))
+    def to(self, dtype: torch.dtype) -> SparseInput:
+        """The same entries with values in `dtype`."""
+        return self if self.value.dtype == dtype else dataclasses.replace(self, value=self.value.to(dtype))
+
+    def without_empty_rows(self) -> SparseInput:
+        """The non-empty samples only, (K, R, n) with R the most non-empty samples of any instance
+        (an instance with fewer gets empty rows at the end), in their order. Reads R on the host."""
+        b = self.batch_size
+        real = self.row < b
+        first = real.clone()  # the first entry of every non-empty sample (rows are sorted)
+        first[:, 1:] &= self.row[:, 1:] != self.row[:, :-1]
+        compact = torch.cumsum(first, dim=1) - 1  # each entry's row among the non-empty samples
+        n_rows = int(first.sum(dim=1).max()) if first.numel() else 0
+        row = torch.where(real, compact, n_rows)  # padding stays padding: row R
+        return dataclasses.replace(self, row=row, batch_size=n_rows)
 
     def times(self, weight: Tensor) -> Tensor:
         """x @ weight^T (K, B, m) for weight (K, m, n): sum over entries of value * weight[:, :, feature]."""
         k, b, n, m = self.row.shape[0], self.batch_size, self.n_features, weight.shape[1]
         # One embedding bag per sample (rows are sorted): a fused gather, scale and sum, forward and backward.
         instance = torch.arange(k, device=self.row.device)[:, None]
-        starts = torch.searchsorted(self._flat_rows(), torch.arange(k * (b + 1), device=self.row.device))
         out = torch.nn.functional.embedding_bag(
             (instance * n + self.feature).view(-1),
             weight.transpose(1, 2).reshape(k * n, m),
-            starts,
+            self.starts,
             mode="sum",
             per_sample_weights=self.value.reshape(-1).to(weight.dtype),
         )
         return out.view(k, b + 1, m)[:, :b]
 
-    def row_sum(self, values: Tensor) -> Tensor:
-        """(K, B): the sum of per-entry `values` (K, C) over the entries of each sample."""
+    @functools.cached_property
+    def starts(self) -> Tensor:
+        """(K (B + 1),): the first entry of each row in a stack of the K instances' rows (B + 1 each,
+        the last for padding), as `times`'s embedding bags take them; kept, as the rows never change."""
         k, b = self.row.shape[0], self.batch_size
-        out = torch.zeros(k * (b + 1), device=values.device, dtype=values.dtype)
-        return out.index_add(0, self._flat_rows(), values.reshape(-1)).view(k, b + 1)[:, :b]
-
-    def _flat_rows(self) -> Tensor:
-        """(K C,) row ids in a (K (B + 1), ...) stack of the K instances' rows."""
-        instance = torch.arange(self.row.shape[0], device=self.row.device)[:, None]
-        return (instance * (self.batch_size + 1) + self.row).view(-1)
+        instance = torch.arange(k, device=self.row.device)[:, None]
+        flat_rows = (instance * (b + 1) + self.row).view(-1)
+        return torch.searchsorted(flat_rows, torch.arange(k * (b + 1), device=self.row.device))
 
 
 def to_dense(x: Tensor | SparseInput) -> Tensor:
@@ -549,24 +566,22 @@ def select_instances(module: nn.Module, instances: Sequence[int]) -> nn.Module:
 
 
 def _select(module: nn.Module, index: list[int], n_instances: int) -> nn.Module:
-    def rows(name: str, tensor: Tensor | None) -> Tensor | None:
-        if tensor is None:
-            return None
+    # A deep copy in which every parameter and buffer (of the module and its submodules) is replaced
+    # by its rows `index` (a memo entry makes deepcopy use the given object for the original).
+    memo: dict[int, Any] = {}
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
         require(
             tensor.dim() > 0 and tensor.shape[0] == n_instances,
             "instances",
             f"{type(module).__name__}.{name} has no instance axis first (shape {tuple(tensor.shape)})",
         )
-        return tensor.detach()[index]
-
-    view = object.__new__(type(module))
-    view.__dict__ = dict(module.__dict__)
-    view._parameters = {name: rows(name, p) for name, p in module._parameters.items()}
-    view._buffers = {name: rows(name, b) for name, b in module._buffers.items()}
-    view._modules = {name: m if m is None else _select(m, index, n_instances) for name, m in module._modules.items()}
-    if isinstance(module, Task):
-        view.instances = [module.instances[k] for k in index]
-        view._stream_bases, view._probabilities, view._log1m_p = {}, {}, {}
-    elif "n_instances" in module.__dict__:
-        view.n_instances = len(index)
+        rows = tensor.detach()[index]
+        memo[id(tensor)] = nn.Parameter(rows, requires_grad=False) if isinstance(tensor, nn.Parameter) else rows
+    view = copy.deepcopy(module, memo)
+    for part in view.modules():
+        if isinstance(part, Task):
+            part.instances = [part.instances[k] for k in index]
+            part.forget_kept()
+        elif "n_instances" in vars(part):
+            part.n_instances = len(index)
     return view

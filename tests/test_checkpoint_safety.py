@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, read_checkpoint
+from cis_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
 from cis_lightning.errors import ConfigError
 from cis_lightning.main import run
 from cis_lightning.runs import load_run
@@ -111,13 +110,3 @@ def test_a_checkpoint_without_code_still_loads(hostile, tmp_path):
     del clean["payload"]
     torch.save(clean, tmp_path / "clean.ckpt")
     assert read_checkpoint(tmp_path / "clean.ckpt")["global_step"] == 2
-
-
-def test_the_run_checkpoints_state_key_is_lightnings_and_follows_its_settings():
-    """RunCheckpoint keeps ModelCheckpoint's state key (Lightning asks for it about 6 times a step)."""
-    callback = RunCheckpoint(every_n_train_steps=1000, save_last=True)
-    assert callback.state_key == ModelCheckpoint.state_key.fget(callback)
-    assert "'every_n_train_steps': 1000" in callback.state_key
-    callback._every_n_train_steps = 10  # settings that change make a new key
-    assert callback.state_key == ModelCheckpoint.state_key.fget(callback)
-    assert "'every_n_train_steps': 10," in callback.state_key

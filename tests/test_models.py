@@ -5,7 +5,6 @@ import torch
 
 from cis_lightning import MLP, Instance, ResidualMLP, Task, naive_loss_per_feature
 from cis_lightning.evaluation import per_sample_loss
-from cis_lightning.mixing import Mixing
 from cis_lightning.models import CCModel
 
 
@@ -104,29 +103,17 @@ def test_naive_loss_per_feature(n, d, expected):
     assert naive_loss_per_feature(n, d) == pytest.approx(expected, abs=1e-15)
 
 
-def test_the_residual_models_kept_label_map_is_i_minus_its_gram_after_loads_and_casts():
-    """The labels' linear part of a residual model without mixing, kept between steps, is exactly what
-    the model's I - W_E W_E^T gives, also after a load of another embedding and a cast to float64."""
-    from cis_lightning.evaluation import _label_map
-
-    task, model = Task([Instance(0.1)], 20), ResidualMLP(n_features=20, d_embed=30, d_mlp=4)
+def test_the_residual_models_kept_gram_is_its_embeddings_after_loads_and_casts():
+    """G = W_E W_E^T is kept between steps; it must be exactly what the model's W_E gives, also after
+    a load of another embedding and a cast to float64 (a float32 G cast would not be)."""
+    model = ResidualMLP(n_features=20, d_embed=30, d_mlp=4)
 
     def made(m: ResidualMLP) -> torch.Tensor:
-        eye = torch.eye(20, dtype=m.w_embed.dtype)
-        return eye - m.w_embed @ m.w_embed.transpose(1, 2)
+        return m.w_embed @ m.w_embed.transpose(1, 2)
 
-    assert torch.equal(_label_map(model, task), made(model))
+    assert torch.equal(model.gram(), made(model))
     other = ResidualMLP(n_features=20, d_embed=30, d_mlp=4, seeds=[5])
     model.load_state_dict(other.state_dict())
-    assert torch.equal(_label_map(model, task), made(other))
+    assert torch.equal(model.gram(), made(other))
     model = model.double()
-    kept = _label_map(model, task.double())
-    assert kept.dtype == torch.float64 and torch.equal(kept, made(model))
-    # The kept R is the transpose of a dense array: the C path's R^T table needs no copy.
-    assert kept.transpose(1, 2).is_contiguous()
-    mixed = Task([Instance(0.1, sigma=0.1, mixing=Mixing("gaussian"))], 20).double()
-    # With mixing, R is made each step: (sigma M + I) - G.
-    eye = torch.eye(20, dtype=torch.float64)
-    assert torch.equal(
-        _label_map(model, mixed), mixed.scaled_mixing() + eye - model.w_embed @ model.w_embed.transpose(1, 2)
-    )
+    assert model.gram().dtype == torch.float64 and torch.equal(model.gram(), made(model))

@@ -1,10 +1,15 @@
-"""The training loss of a one-layer model on a sparse batch, with a hand-written backward.
+"""The fast backend of the training loss: a one-layer model on a sparse batch, backward written out.
+
+Only the seam (`cis_lightning.backends`) imports this module; the core (models, task, evaluation)
+knows nothing of it, and deleting it leaves the reference backend (autograd through the network's
+own `forward`) in charge everywhere. tests/test_backends.py proves the two equal in losses and
+gradients for every model and option this path takes.
 
 For h = ReLU(A x) and the readout y_hat = W h (no biases), against labels y = ReLU(x) + R x, the
-per-sample loss is ||W h - u||^2 / n with u = ReLU(x) + R x. `evaluation._readout_loss` computes it
-with autograd; here the same algebra runs as one autograd node whose backward is written out, so a
-training step costs a few dozen kernels instead of a few hundred (on a CPU, and in launches on a GPU,
-a step of this model costs per-kernel overhead far more than arithmetic).
+per-sample loss is ||W h - u||^2 / n with u = ReLU(x) + R x. `one_layer_form` says which networks
+have that form and with which A, W and R (the bias-free MLP, tied or not: A = W_in, W = W_out; the
+one-layer residual MLP: A = W_in W_E^T, W = W_E W_out, R = sigma M + I - W_E W_E^T). The loss then
+runs as one autograd node whose backward is written out, a few dozen kernels instead of a few hundred.
 
 Per sample b (n features, m neurons), with G = W^T W and q_b = W^T u_b:
 
@@ -20,55 +25,54 @@ and with s_b = 2 g_b / n for the incoming gradient g:
 
 Only the active entries (row r_c, feature f_c, value v_c) of x are touched: embedding bags (a fused
 gather, scale and segment sum) over C ~ B n p entries. Row B of every instance collects the padding
-entries (value 0) and is dropped. On a CPU the empty samples are dropped, and a batch mean of many
-samples merges the single-feature samples of each feature and sign into one (loss_b is homogeneous
-of degree 2 in x_b): at B = 2048, p = 0.01, n = 100 about 737 rows remain of the 1,298 non-empty
-samples (541 with two or more features, and some 196 of the 200 (feature, sign) cells).
-Tested against the dense autograd form in tests/test_performance.py.
-
-On a CPU a float32 batch mean (the training step) does its host work in C (`native`): the
-bookkeeping of the entries, single-feature samples merged, in one call, and below MERGE_SINGLE_FROM
-samples (a single instance) the forward bags with the ReLU in one and the backward bags with G h - q
-and the ReLU's mask in one; the products stay torch's. Tested against the numpy and torch forms in
-tests/test_native.py.
+entries (value 0) and is dropped. On a CPU the empty samples are dropped, and a batch mean merges the
+single-feature samples of each feature and sign into one (loss_b is homogeneous of degree 2 in x_b):
+at B = 2048, p = 0.01, n = 100 about 737 rows remain of the 1,298 non-empty samples.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cis_lightning import native
-from cis_lightning.task import SparseInput
+from cis_lightning.models import MLP, CCModel, ResidualMLP
+from cis_lightning.task import SparseInput, Task
 
 # Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
-# reads their count, which on a GPU would be a sync) and groups the entries with numpy, whose per-call
-# cost on a few thousand numbers is a fraction of torch's.
+# reads their count, which on a GPU would be a sync) and groups the entries with numpy.
 HOST_PATH_ON = ("cpu",)
 
-# A batch mean of at least this many samples (K B) merges its single-feature samples in numpy
-# (`drop_empty_rows`). The merge is some 25 numpy calls on the host, about 75 us at K = 1 on the
-# 2-core test machine, about what the rows it saves are worth there; with more instances the saved
-# rows win (`make bench`: "the core step with single-feature samples merged" at K = 1, "K=16 without
-# merging single-feature samples"). Float32 batch means merge in C (`native`), whatever their size.
-MERGE_SINGLE_FROM = 4096
+
+def one_layer_form(model: CCModel, task: Task) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """(A (K, m, n), W (K, n, m), R (K, n, n) or None) with which `model`'s loss on `task` is that of
+    y_hat = W ReLU(A x) against ReLU(x) + R x, or None where the model has no such form.
+
+    Exact classes only: a subclass may change `forward`, which this path would not follow."""
+    r = task.scaled_mixing() if task.has_mixing else None
+    if type(model) is MLP:
+        if model.b_hidden is not None or model.b_out is not None:
+            return None
+        a, w = model.effective_weights()
+        return a, w, r
+    if type(model) is ResidualMLP and model.n_layers == 1:
+        w_e = model.w_embed
+        a = torch.bmm(model.w_in.flatten(1, 2), w_e.transpose(1, 2))  # W_in W_E^T
+        w = torch.bmm(w_e, model.w_out.flatten(1, 2))  # W_E W_out
+        eye = torch.eye(task.n_features, device=w_e.device, dtype=w_e.dtype)
+        label_map = eye - model.gram()  # labels x + ReLU(x) (+ sigma M x) minus the skip path W_E W_E^T x
+        return a, w, label_map if r is None else r + label_map
+    return None
 
 
-def bags_in_c(device: torch.device, dtype: torch.dtype, samples: int) -> bool:
-    """Whether the training loss (a batch mean, `one_layer_loss`) of `samples` = K B samples runs its
-    embedding bags in C: float32 on a host device, below MERGE_SINGLE_FROM samples, the kernels built."""
-    return (
-        device.type in HOST_PATH_ON
-        and dtype == torch.float32
-        and samples < MERGE_SINGLE_FROM
-        and native.library() is not None
-    )
+def mean_loss(model: CCModel, task: Task, x: SparseInput) -> Tensor:
+    """The training loss (K,), the batch mean of the per-sample loss, for a model with
+    `one_layer_form`; gradients flow to its parameters and to a learned sigma."""
+    a, w, r = one_layer_form(model, task)
+    return one_layer_loss(a, w, r, x, mean=True)
 
 
 def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean: bool = False) -> Tensor:
@@ -86,77 +90,14 @@ def one_layer_loss(a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, mean:
     return _OneLayerLoss.apply(a, w, r, entries, rows, x.batch_size, mean)
 
 
-def one_layer_mean_loss_eager(
-    a: Tensor, w: Tensor, r: Tensor | None, x: SparseInput, needs_grad: tuple[bool, bool, bool]
-) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor | None, Tensor | None, Tensor | None]]]:
-    """`one_layer_loss(a, w, r, x, mean=True)` without autograd: the batch means (K,), and
-    `gradients(grad)`, the gradients (at a, w, r; None where `needs_grad` says no or r is None) of
-    sum_k grad_k mean_k, the same numbers as the backward of `one_layer_loss`.
-
-    For the training step (`evaluation.mean_loss_eager`, `CCModule.backward`): without an autograd
-    node and the engine's pass over it, a core step at the paper's settings was 1.29x as fast, and
-    `cis fit` 1.09x to 1.13x (README, Performance)."""
-    entries, _ = _entries(x, a.shape[0], a.dtype, mean=True)
-    ctx = _EagerContext((needs_grad[0], needs_grad[1], r is not None and needs_grad[2]))
-    with torch.no_grad():
-        means = _OneLayerLoss.forward(ctx, a, w, r, entries, None, x.batch_size, True)
-
-    def gradients(grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        with torch.no_grad():
-            return _OneLayerLoss.backward(ctx, grad)[:3]
-
-    return means, gradients
-
-
-class _EagerContext:
-    """What `_OneLayerLoss`'s forward and backward use of autograd's ctx, to run them without autograd."""
-
-    def __init__(self, needs_input_grad: tuple[bool, bool, bool]):
-        self.needs_input_grad = needs_input_grad
-
-    def save_for_backward(self, *tensors: Tensor | None) -> None:
-        self.saved_tensors = tensors
-
-
-def accumulate_gradients(tensors: Sequence[Tensor | None], grads: Sequence[Tensor | None]) -> None:
-    """Add grads[i] to the gradient of tensors[i] as autograd's backward from them would: a leaf
-    without hooks gets it in .grad (added to what is there, or handed over: the caller must not
-    use it afterwards, as with autograd's AccumulateGrad), everything else through autograd
-    (non-leaves on to their leaves; leaves with hooks run their hooks)."""
-    later, later_grads = [], []  # through autograd, in one backward
-    for tensor, grad in zip(tensors, grads, strict=True):
-        if tensor is None or grad is None or not tensor.requires_grad:
-            continue
-        if tensor.is_leaf and not tensor._backward_hooks and not tensor._post_accumulate_grad_hooks:
-            if tensor.grad is not None:
-                tensor.grad += grad
-            elif grad.stride() == tensor.stride():
-                tensor.grad = grad
-            else:  # in the parameter's layout, as autograd gives it: fused optimizers read both as flat arrays
-                tensor.grad = torch.empty_like(tensor).copy_(grad)
-        else:
-            later.append(tensor)
-            later_grads.append(grad)
-    if later:
-        torch.autograd.backward(later, later_grads)
-
-
 def _entries(x: SparseInput, k: int, dtype: torch.dtype, mean: bool) -> tuple[_Entries, Tensor | None]:
     """The entries of x grouped for `_OneLayerLoss` (K instances, values in dtype), and where each of
     their rows came from (None: the rows are x's own, or `mean` needs no sources)."""
     # Not under torch.compile either: a new row count every step would recompile every step.
     if x.row.device.type not in HOST_PATH_ON or torch.compiler.is_compiling():
         return _Entries.on_device(x, k, dtype), None
-    # A float32 batch mean (the training step) groups its entries in C (`native`), which merges
-    # single-feature samples at no cost worth the name (1.11x faster core steps at K = 1, ad hoc);
-    # below MERGE_SINGLE_FROM samples (K = 1) its bags run in C too. A sweep's bags stay torch's:
-    # C's single thread ran them no faster at K = 16.
-    lib = native.library() if mean and dtype == torch.float32 else None
-    if lib is not None:
-        return _Entries.from_native(lib, x, k, bags_in_c=bags_in_c(x.row.device, dtype, k * x.batch_size)), None
-    # A mean puts nothing back in place, and may merge single-feature samples (`drop_empty_rows`).
-    merge = mean and k * x.batch_size >= MERGE_SINGLE_FROM
-    x, rows = drop_empty_rows(x, sources=not mean, merge_single=merge)
+    # A mean puts nothing back in place, and merges single-feature samples (`drop_empty_rows`).
+    x, rows = drop_empty_rows(x, sources=not mean, merge_single=mean)
     return _Entries.on_host(x, k, dtype), rows
 
 
@@ -183,8 +124,7 @@ def drop_empty_rows(
     if merge_single:
         # The draw leaves room for 10 standard deviations more entries than it expects (about 20% of
         # them padding at B = 2048, p = 0.01): keep the columns the fullest instance needs, rounded up
-        # to a multiple of 64 (2.7% faster steps at K = 16, 7.8% at K = 82; 1.5% slower at K = 1,
-        # which does not merge).
+        # to a multiple of 64.
         width = max(64, -(-int(real.sum(axis=1).max()) // 64) * 64)
         if width < row.shape[1]:
             row, real = row[:, :width], real[:, :width]
@@ -263,7 +203,6 @@ class _Entries:
     n_rows: int
     n_features: int
     n_instances: int
-    lib: ctypes.CDLL | None = None  # built by `from_native`: the loss then runs its bags in C too
 
     @classmethod
     def on_device(cls, x: SparseInput, k: int, dtype: torch.dtype) -> _Entries:
@@ -302,11 +241,9 @@ class _Entries:
         row = (instance * (b + 1) + x.row.numpy()).reshape(-1)
         value = x.value.to(dtype).numpy().reshape(-1)
         relu_value = np.maximum(value, 0)
-        # numpy sorts small integer keys stably by radix (about 10 us for a batch's entries; torch.sort,
-        # a comparison sort whose branches fresh data defeats, took about 75 us). Each instance's entries
-        # sorted by their own feature (8-bit keys for n <= 256: one counting pass), then offset, are
-        # the stable order of the stacked ids: 160 us instead of 440 at K = 16, 0.65 ms instead of 3.4
-        # at K = 82 against sorting the stacked 16-bit ids.
+        # numpy sorts small integer keys stably by radix. Each instance's entries sorted by their own
+        # feature (8-bit keys for n <= 256: one counting pass), then offset, are the stable order of
+        # the stacked ids, cheaper than sorting the stacked ids.
         key = local.astype(np.uint8 if n <= 2**8 else np.int16 if n <= 2**15 else np.int32)
         order = (np.argsort(key, axis=1, kind="stable") + instance * c).reshape(-1)
         u_sq = np.bincount(row, weights=np.square(relu_value, dtype=np.float64), minlength=k * (b + 1))
@@ -322,27 +259,9 @@ class _Entries:
             n_features=k * n,
             n_instances=k,
         )
-        # Sorting by feature keeps the instances in order, C entries each: no division needed (it
-        # cost milliseconds at K = 82).
+        # Sorting by feature keeps the instances in order, C entries each: no division needed.
         entries.__dict__["instance_by_feature"] = torch.from_numpy(np.arange(k).repeat(c))
-        entries.__dict__["u_sq"] = torch.from_numpy(u_sq.astype(value.dtype))  # a bincount: microseconds
-        return entries
-
-    @classmethod
-    def from_native(cls, lib: ctypes.CDLL, x: SparseInput, k: int, bags_in_c: bool = True) -> _Entries:
-        """`on_host` of `drop_empty_rows(x, sources=False, merge_single=True)`, the same arrays, from
-        one C call (float32); with `bags_in_c` the loss runs its bags in C too."""
-        n = x.n_features
-        rows, feature, row, value, relu_value, row_start, u_sq, *by_feature, feature_start = native.prepare(
-            lib, x.row, x.feature, x.value, x.batch_size, n
-        )
-        c = feature.shape[0] // k  # entries per instance
-        entries = cls(
-            feature, row, value, relu_value, row_start, *by_feature, feature_start,
-            n_rows=k * (rows + 1), n_features=k * n, n_instances=k, lib=lib if bags_in_c else None,
-        )  # fmt: skip
-        entries.__dict__["instance_by_feature"] = _instances_by_feature(k, c)
-        entries.__dict__["u_sq"] = u_sq
+        entries.__dict__["u_sq"] = torch.from_numpy(u_sq.astype(value.dtype))
         return entries
 
     @functools.cached_property
@@ -391,18 +310,14 @@ def _host_starts(group: np.ndarray, n_groups: int) -> np.ndarray:
 
 
 def _cumsum(a: np.ndarray, axis: int) -> np.ndarray:
-    """np.cumsum(a, axis) of a bool or integer array, in int64, by torch's kernel: numpy's integer
-    cumsum is a scalar loop, 4 to 10 times slower here (1.5 ms against 0.14 on a K = 82 batch's
-    entries; 11 against 8 us at K = 1)."""
+    """np.cumsum(a, axis) of a bool or integer array, in int64, by torch's kernel (numpy's integer
+    cumsum is a scalar loop)."""
     return torch.cumsum(torch.from_numpy(a), dim=axis).numpy()
 
 
 def _bag(index: Tensor, table: Tensor, starts: Tensor, weight: Tensor) -> Tensor:
-    """One fused gather, scale and segment sum (no autograd: the backward is written out below).
-
-    torch.embedding_bag itself (mode 0: sum): F.embedding_bag's argument checks cost about as much
-    as the small bag does, four times a step."""
-    return torch.embedding_bag(table, index, starts, False, 0, False, weight, False, None)[0]
+    """One fused gather, scale and segment sum (no autograd: the backward is written out below)."""
+    return torch.nn.functional.embedding_bag(index, table, starts, mode="sum", per_sample_weights=weight)
 
 
 def _sum_of_squares(a: Tensor) -> Tensor:
@@ -427,8 +342,6 @@ class _OneLayerLoss(torch.autograd.Function):
     def forward(ctx, a, w, r, entries, rows, batch_size, mean):
         # entries: of x, or of its non-empty rows (then rows (K, R) says which sample each row is,
         # B for filler); batch_size: B; mean: return the mean over the batch (K,), rows unused.
-        if entries.lib is not None:  # C reads the numbers only: no detached views needed
-            return _native_forward(ctx, a, w, r, entries, batch_size)
         # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
         # requires grad takes its slower training path: work on detached tensors.
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
@@ -445,15 +358,14 @@ class _OneLayerLoss(torch.autograd.Function):
             q += entries.sum_by_row(t.view(k * n, m), value)  # + W^T R x
             u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
             u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
-            # For a mean a norm reads u once, where a vecdot writes the products first (0.63 against
-            # 2.0 ms for K = 82's 63,058 rows, ad hoc).
+            # For a mean a norm reads u once, where a vecdot writes the products first.
             u_sq = _sum_of_squares(u.view(k, -1)) if mean else torch.linalg.vecdot(u, u)
         q = q.view(k, -1, m)
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         if mean:
             # sum_b h_b . q_b = <W, P> + <T, V> with the backward's bags by feature P = sum_c ReLU(v_c)
             # e_f h_r^T and V = sum_c v_c e_f h_r^T, made here instead: two (K, n m) dot products for
-            # one over (K, B, m) (1.7 ms at K = 82, where h and q do not fit in the caches).
+            # one over (K, B, m).
             h_rows = h.view(-1, m)
             p_bag = entries.sum_by_feature(h_rows, entries.relu_value_by_feature).view(k, n, m)
             hq = torch.linalg.vecdot(w.reshape(k, -1), p_bag.view(k, -1))
@@ -480,8 +392,6 @@ class _OneLayerLoss(torch.autograd.Function):
         # dL/dh_b = s_b (G h_b - q_b), dL/dq_b = -s_b h_b with s_b = 2 g_b / n: s_b goes into the weights.
         if ctx.mean:  # g_b = grad_k / B for every row of instance k (padding and filler rows have h = 0)
             scale = grad * (2 / (n * ctx.batch_size))  # s_b of instance k's rows (K,)
-            if entries.lib is not None:
-                return _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale)
             s = scale.index_select(0, entries.instance_by_feature)
         else:
             g = torch.nn.functional.pad(grad, (0, 1))  # (K, B + 1); the padding row gets 0
@@ -514,22 +424,6 @@ class _OneLayerLoss(torch.autograd.Function):
         return grad_a, grad_w, grad_r, None, None, None, None
 
 
-def _native_forward(ctx, a, w, r, entries, batch_size):
-    """The batch mean's forward (`_OneLayerLoss`) with its bags in one C call; a, w, r as given (C
-    reads their numbers, so they need no detaching)."""
-    k, m, n = a.shape
-    a_table, w_table = a.transpose(1, 2).reshape(k * n, m), w.reshape(k * n, m)  # `native` makes them dense
-    t_table = rt_table = None
-    if r is not None:
-        r_t = r.transpose(1, 2)
-        t_table, rt_table = torch.bmm(r_t, w).reshape(k * n, m), r_t.reshape(k * n, n)  # T = R^T W, R^T
-    h, q, u, labels = native.hidden_cross(
-        entries.lib, entries, a_table, w_table, t_table, rt_table, ctx.needs_input_grad[2], k, n, m
-    )
-    ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, None, batch_size, True
-    return _batch_mean(ctx, a, w, r, h.view(k, -1, m), q.view(k, -1, m), u, labels)
-
-
 def _batch_mean(ctx, a, w, r, h, q, u, labels):
     """The batch mean (K,) from h, q (K, rows, m) and labels_k = sum_b ||u_b||^2 - 2 h_b . q_b over
     instance k's rows (padding and filler rows have loss 0), saving what the backward needs.
@@ -542,25 +436,6 @@ def _batch_mean(ctx, a, w, r, h, q, u, labels):
     ctx.save_for_backward(a, w, h, gram, q, r, u, gram_h)
     total = torch.linalg.vecdot(gram.view(k, -1), gram_h.view(k, -1))
     return total.add_(labels).div_(n * ctx.batch_size)
-
-
-def _native_backward(ctx, a, w, h, gram, q, r, u, gram_h, scale):
-    """The batch mean's backward with its bags (G h - q and the ReLU's mask too) in one C call."""
-    entries = ctx.entries
-    k, m, n = a.shape
-    gh = torch.bmm(h, gram)  # G h (q is subtracted in C: a bmm is faster than torch's baddbmm with beta = -1)
-    grad_a, relu_bag, grad_t = native.feature_grads(entries.lib, entries, scale, gh, q, h, r is not None, k, n, m)
-    grad_a = grad_a if ctx.needs_input_grad[0] else None  # (K, m, n), laid out as A
-    grad_w = grad_r = None
-    if ctx.needs_input_grad[1]:  # 2 W dL/dG - sum_c s ReLU(v_c) h_r, dL/dG = sum_b (g_b / n) h_b h_b^T
-        # 2 W dL/dG = W (s H^T H): the factors of 2 cancel exactly (powers of two), one operation fewer.
-        grad_w = torch.baddbmm(relu_bag.view(k, n, m), w, gram_h * scale.view(k, 1, 1), beta=-1)
-    if r is not None:
-        weight = None
-        if ctx.needs_input_grad[2]:
-            weight = entries.value_by_feature * scale.index_select(0, entries.instance_by_feature)
-        grad_w, grad_r = _label_map_grads(ctx, w, r, u, weight, grad_t.view(k, n, m), grad_w)
-    return grad_a, grad_w, grad_r, None, None, None, None
 
 
 def _label_map_grads(ctx, w, r, u, weight, minus_d_t, grad_w):
