@@ -119,7 +119,7 @@ def test_every_config_parses_with_the_papers_defaults(config, capsys):
         (["--data.sigma", "-1"], "data.sigma"),
         (["--data.batch_size", "0"], "data.batch_size"),
         (["--model.network.init_args.d_mlp", "0"], "model.d_mlp"),
-        (["--data.mixing.kind", "low_rank", "--data.mixing.rank", "101"], "data.mixing.rank"),
+        (["--data.mixing.kind", "low_rank", "--data.mixing.rank", "-3"], "data.mixing.rank"),
         (["--model.lr", "-0.1"], "model.lr"),
         (["--model.threads", "0"], "model.threads"),
     ],
