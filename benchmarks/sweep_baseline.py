@@ -1,0 +1,106 @@
+"""The K = 82 sigma sweep's training speed now against an earlier commit, side by side.
+
+Each side runs `cis fit --config configs/experiments/sigma_sweep.yaml` (its own tree's copy) in a
+fresh process whose PYTHONPATH puts that tree's `cis_lightning` first: this checkout, and a `git
+worktree` of BASE made for the run (and removed after it). A step timer (a Lightning callback written
+to a temporary module) measures the steps after a warm-up, so start-up, the CLI and the draw's
+compilation are excluded. The two sides alternate for `--repeats` rounds; the ratio is the median of
+the rounds' ratios, which a drift of the machine's speed between rounds moves less.
+
+    python benchmarks/sweep_baseline.py [--base 8f82718] [--steps N] [--warmup W] [--repeats R] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+K = 82
+TIMER = """
+import json, time
+import lightning.pytorch as pl
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, first: int = 50, output: str = "timing.json"):
+        self.first, self.output, self.start, self.stop, self.steps = first, output, None, None, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.first:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.stop, self.steps = time.perf_counter(), trainer.global_step - self.first
+
+    def on_train_end(self, trainer, module):
+        with open(self.output, "w") as f:
+            json.dump({"steps": self.steps, "seconds": self.stop - self.start}, f)
+"""
+
+
+def instance_steps_per_second(tree: Path, tmp: Path, warmup: int, steps: int, threads: int | None) -> float:
+    """Instance-steps/s of the sweep's `cis fit` with `tree`'s package, run in `tmp` (which holds the timer)."""
+    (tmp / "cis_bench_timer.py").write_text(TIMER)
+    output = tmp / "timing.json"
+    args = [
+        "fit",
+        "--config", str(tree / "configs/experiments/sigma_sweep.yaml"),
+        "--trainer.max_steps", str(warmup + steps),
+        "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        "--trainer.callbacks+=cis_bench_timer.StepTimer",
+        "--trainer.callbacks.first", str(warmup),
+        "--trainer.callbacks.output", str(output),
+    ]  # fmt: skip
+    code = "import sys, torch\n"
+    if threads:
+        code += f"torch.set_num_threads({threads})\n"
+    code += "from cis_lightning.main import run\nrun(sys.argv[1:])\n"
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{tmp}")
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"sweep_baseline: the run in {tree} failed:\n{done.stderr[-3000:]}")
+    timing = json.loads(output.read_text())
+    return K * timing["steps"] / timing["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="8f82718", help="the commit to compare with")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        base = scratch / "base"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), options.base], check=True)
+        try:
+            rates: dict[str, list[float]] = {"now": [], "base": []}
+            for _ in range(options.repeats):
+                for name, tree in (("now", REPO), ("base", base)):
+                    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                        rate = instance_steps_per_second(
+                            tree, Path(tmp), options.warmup, options.steps, options.threads
+                        )
+                    rates[name].append(rate)
+                    print(f"{name}: {rate:.0f} instance-steps/s", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
+    ratios = [now / base for now, base in zip(rates["now"], rates["base"], strict=True)]
+    print(f"| K = {K} sigma sweep, instance-steps/s | {statistics.median(rates['now']):.0f} | ", end="")
+    print(f"{statistics.median(rates['base']):.0f} ({options.base}) | {statistics.median(ratios):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
