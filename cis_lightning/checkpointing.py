@@ -140,7 +140,7 @@ class RunCheckpoint(ModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             self._save_now(trainer, topk=False)
-            rank_zero_info(f"cis: SIGTERM at step {trainer.global_step}: saved {self.last_model_path}")
+            rank_zero_info(f"cis: stopped at step {trainer.global_step}: saved {self.last_model_path}")
 
     def _save_now(self, trainer: pl.Trainer, topk: bool) -> None:
         for logger in trainer.loggers:  # events first: the checkpoint never gets ahead of the curve

@@ -68,6 +68,43 @@ def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], pa
         )
 
 
+# The task's state and the config field each entry comes from.
+TASK_FIELDS = {
+    "mixing": "data.mixing",
+    "feature_probability": "data.feature_probability",
+    "seeds": "data.seed",
+    "learn_sigma": "data.learn_sigma",
+    "sigma": "data.sigma",
+}
+
+
+def check_same_task(checkpoint: dict[str, Any], task: torch.nn.Module, path: str | os.PathLike) -> None:
+    """ConfigError unless the checkpoint's task (M, p, seeds, sigma) is the one this config builds.
+
+    The checkpoint's task is what gets evaluated (it is loaded with the weights), while results.csv is
+    labelled from the config: a config edited to another mixing or sigma of the same shapes would
+    label one task's numbers with another's settings. A learned sigma is compared only by its flag.
+    """
+    saved = checkpoint["state_dict"]
+    learned = saved.get("task.learn_sigma", torch.zeros(0, dtype=torch.bool)).to(torch.bool)
+    for name, field in TASK_FIELDS.items():
+        here, stored = task.state_dict().get(name), saved.get(f"task.{name}")
+        if here is None or stored is None or stored.shape != here.shape:
+            continue  # names and shapes are check_fits's
+        here, stored = here.detach().cpu().double(), stored.detach().cpu().double()
+        if name == "sigma" and learned.shape == here.shape:
+            here = torch.where(learned, stored, here)  # trained: any value is its own
+        differs = ~torch.isclose(stored, here, rtol=1e-6, atol=1e-9).reshape(len(here), -1).all(dim=1)
+        if differs.any():
+            k = int(differs.nonzero()[0, 0])
+            values = "" if name == "mixing" else f" ({stored[k].item():g} there, {here[k].item():g} here)"
+            raise ConfigError(
+                CHECKPOINT_FIELD,
+                f"{path} was trained with another {field} than this config gives (instance {k}{values}): test it "
+                "with the config it was trained with (its run's config.yaml), or train a new run",
+            )
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

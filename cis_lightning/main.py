@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentError, Namespace
+import yaml
+from jsonargparse import ArgumentError, Namespace, get_loader, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
@@ -26,10 +26,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from cis_lightning.allocator import keep_freed_memory
 from cis_lightning.baselines import SVD, Naive, NaiveOffset, SemiNMF, Zero  # noqa: F401  (baselines by short name)
 from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
+from cis_lightning.config_files import check_arguments, check_yaml
 from cis_lightning.datamodule import CCDataModule
 from cis_lightning.errors import ConfigError, require
+from cis_lightning.interrupts import EXIT_SIGINT, CtrlC, Interrupted
+from cis_lightning.loading import check_same_task
 from cis_lightning.models import MLP, ResidualMLP  # noqa: F401  (short class names in configs)
 from cis_lightning.module import CCModule, TrainingDiverged
+from cis_lightning.run_directory import RunDirectory
+from cis_lightning.sizes import check_memory, sizes_from_config
 from cis_lightning.task import grid_size
 
 TRAINER_DEFAULTS = {
@@ -49,6 +54,8 @@ TRAINER_DEFAULTS = {
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_version_counter": False}
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, the shell's convention).
 EXIT_SIGTERM = 143
+# Exit status when the file system fails under a run (sysexits.h's EX_IOERR).
+EXIT_FILE_SYSTEM = 74
 # Steps between redraws of the default progress bar. Lightning's own default redraws every step, which
 # is measurably slower on the 2-core test machine (make bench's progress-bar rows; README, Performance);
 # a bar the config brings keeps its own rate.
@@ -95,6 +102,10 @@ class _Parser(LightningArgumentParser):
 
 
 class CISCLI(LightningCLI):
+    def __init__(self, *args: Any, run_directory: RunDirectory | None = None, **kwargs: Any) -> None:
+        self.run_directory = run_directory or RunDirectory()  # claimed by rank zero before anything is written
+        super().__init__(*args, **kwargs)
+
     def init_parser(self, **kwargs: Any):
         # Parse errors raise (run() prints them as one line) instead of printing the whole usage.
         kwargs.setdefault("exit_on_error", False)
@@ -108,6 +119,24 @@ class CISCLI(LightningCLI):
         parser.link_arguments("data.seeds", "model.network.init_args.seeds", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
+
+    def before_instantiate_classes(self) -> None:
+        # Sizes that cannot fit are refused here, before the model and data allocate anything.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = config.get("data")
+        model = config.get("model")
+        if not isinstance(data, Namespace) or not isinstance(model, Namespace):
+            return
+        grid, shard = data.get("grid"), str(data.get("shard") or "1/1").partition("/")[2]
+        try:
+            instances = grid_size(grid) if isinstance(grid, dict) else 1
+        except (TypeError, ValueError):
+            return  # a malformed grid: the data module names the problem
+        instances = -(-instances // int(shard)) if shard.isdigit() and int(shard) > 0 else instances
+        sizes = sizes_from_config(data, model.get("network"), instances)
+        if sizes is not None:
+            accelerator = config.get("trainer", Namespace()).get("accelerator", "cpu")
+            check_memory(sizes, training=self.subcommand == "fit", accelerator=accelerator)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -177,6 +206,7 @@ class CISCLI(LightningCLI):
             expected = {f"network.{k}": v for k, v in self.model.network.state_dict().items()}
             expected.update({f"task.{k}": v for k, v in self.datamodule.task.state_dict().items()})
             check_fits(checkpoint, expected, path)
+            check_same_task(checkpoint, self.datamodule.task, path)
             self._checkpoint = None
         # Atomic checkpoint writes and weights-only reads, unless the config names its own CheckpointIO.
         trainer = self._get(self.config_init, "trainer", default={})
@@ -197,22 +227,6 @@ class CISCLI(LightningCLI):
         except (ModuleNotFoundError, ValueError) as error:  # e.g. an accelerator whose package is missing
             raise ConfigError("trainer", " ".join(str(error).split())) from None
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
-        # Lightning creates the logger's directory before the set-up hooks that can raise.
-        log_dir = self.trainer.log_dir
-        created = None
-        for path in (Path(log_dir), *Path(log_dir).parents) if log_dir else ():
-            if path.exists():
-                break
-            created = path  # the outermost directory that this run would create
-        try:
-            super()._run_subcommand(subcommand)
-        except ConfigError:
-            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                shutil.rmtree(created, ignore_errors=True)
-            raise
-
     def before_fit(self) -> None:
         max_steps = self.trainer.max_steps
         require(max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}")
@@ -220,6 +234,17 @@ class CISCLI(LightningCLI):
         require(batch % world == 0, "data.batch_size", f"(global batch) must divide by the {world} ranks, got {batch}")
         interval = self.trainer.val_check_interval
         require(interval > 0, "trainer.val_check_interval", f"must be > 0 (steps between validations), got {interval}")
+        self.run_directory.claim(self.trainer, self.config["fit"].get("ckpt_path"), fit=True)
+
+    # Evaluation writes config.yaml and results.csv: the same claim (a new directory, locked while it runs).
+    def before_test(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
+
+    def before_validate(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
+
+    def before_predict(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
 
 
 def _logger_layout(config: Namespace) -> tuple[Namespace, Path] | None:
@@ -237,18 +262,48 @@ def _version_dir(root: Path, version: int | str) -> Path:
 
 
 def _with_run_config(args: list[str]) -> list[str]:
-    """`cis test --ckpt_path RUN/checkpoints/x.ckpt` with no --config reads RUN/config.yaml."""
+    """`cis test --ckpt_path RUN/checkpoints/x.ckpt` with no --config reads RUN/config.yaml.
+
+    With neither a config nor model arguments the checkpoint must be a file with RUN/config.yaml beside
+    it: otherwise the message says which, not that model.network is missing.
+    """
     if len(args) < 1 or args[0] not in ("test", "validate", "predict") or any(a.startswith("--config") for a in args):
         return args
     for i, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else None
         if arg == "--ckpt_path" and i + 1 < len(args):
             value = args[i + 1]
-        if value:
+        if value and value not in ("last", "best", "hpc", "registry"):
             config = Path(value).resolve().parent.parent / "config.yaml"
-            if config.is_file():
+            if config.is_file() and Path(value).is_file():
                 return [args[0], "--config", str(config), *args[1:]]
+            if any(a.startswith("--model") for a in args):
+                return args  # a model given on the command line: the checkpoint is checked against it
+            require(Path(value).exists(), "ckpt_path", f"{value} does not exist")
+            require(not Path(value).is_dir(), "ckpt_path", f"{value} is a directory: give a checkpoint file")
+            raise ConfigError(
+                "ckpt_path",
+                f"no config.yaml beside {value} (looked for {config}): give the run's config with --config",
+            )
     return args
+
+
+def _check_yaml_in_jsonargparse() -> None:
+    """Every YAML text that jsonargparse loads (config files, nested ones, values) passes `check_yaml` first.
+
+    Through jsonargparse's public `set_loader`; the arguments' own files and values were checked
+    before, naming their field, so this catches what they include.
+    """
+    loader = get_loader("yaml")
+    if getattr(loader, "checked", False):
+        return
+
+    def checked(text: str) -> Any:
+        check_yaml(text, "config")
+        return loader(text)
+
+    checked.checked = True
+    set_loader("yaml", checked, exceptions=(yaml.YAMLError,))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -268,20 +323,25 @@ def run(args: list[str] | None = None) -> LightningCLI:
     checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
     """
     keep_freed_memory()
+    _check_yaml_in_jsonargparse()
     from_command_line = args is None
-    args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
-    if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments
-        sys.argv[1:] = args
+    ctrl_c = CtrlC()
     try:
-        return CISCLI(
-            CCModule,
-            CCDataModule,
-            args=None if from_command_line else args,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=SaveConfigOnce,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=False,
-        )
+        with ctrl_c, RunDirectory() as run_directory:
+            args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
+            check_arguments(args)
+            if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments
+                sys.argv[1:] = args
+            return CISCLI(
+                CCModule,
+                CCDataModule,
+                args=None if from_command_line else args,
+                trainer_defaults=TRAINER_DEFAULTS,
+                save_config_callback=SaveConfigOnce,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=False,
+                run_directory=run_directory,
+            )
     except ConfigError as error:
         _fail(str(error))
     except ArgumentError as error:
@@ -291,8 +351,17 @@ def run(args: list[str] | None = None) -> LightningCLI:
     except TrainingDiverged as error:
         _fail(str(error), status=1)
     except SIGTERMException:
-        print("cis: stopped by SIGTERM; the same command with --ckpt_path last resumes the run", file=sys.stderr)
-        raise SystemExit(EXIT_SIGTERM) from None
+        signal_name = "Ctrl-C (SIGINT)" if ctrl_c.received else "SIGTERM"
+        hint = "the same command with --ckpt_path last resumes the run" if args[:1] == ["fit"] else "no results written"
+        print(f"cis: stopped by {signal_name}; {hint}", file=sys.stderr)
+        raise SystemExit(EXIT_SIGINT if ctrl_c.received else EXIT_SIGTERM) from None
+    except Interrupted:
+        _fail("interrupted by Ctrl-C (SIGINT) before training started; nothing was saved", status=EXIT_SIGINT)
+    except UnicodeDecodeError as error:  # a file that jsonargparse read (the arguments' own were checked)
+        _fail(f"config: a file given is not UTF-8 text (byte {error.start}: {error.reason})")
+    except OSError as error:  # the file system failed under a run (full disk, a directory made read-only)
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"file system: {where}{error.strerror or error}", status=EXIT_FILE_SYSTEM)
 
 
 def _fail(message: str, status: int = 2) -> None:

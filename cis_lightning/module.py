@@ -347,6 +347,7 @@ class CCModule(pl.LightningModule):
         # tensor updated every step without a host sync, read only where the host syncs anyway:
         # logging steps, checkpoints and the end of training.
         self._first_nonfinite = torch.full((self.task.n_instances,), _NEVER, dtype=torch.long, device=self.device)
+        self._stop_if_diverged(check_weights=True)  # a start that is not finite (a resumed state, a learned sigma)
 
     def _watch_finite(self, losses: Tensor) -> None:
         if getattr(self, "_first_nonfinite", None) is None:  # a training step outside fit()
@@ -370,10 +371,16 @@ class CCModule(pl.LightningModule):
             bad = (first == step).nonzero().flatten().tolist()
             raise TrainingDiverged(self._divergence_message(bad, f"the loss is not finite at step {step}"))
         if check_weights:  # weights are identical on all ranks, so every rank decides alike
-            finite = torch.stack([torch.isfinite(p.detach().reshape(k, -1)).all(dim=1) for p in self.parameters()])
+            named = list(self.named_parameters())
+            finite = torch.stack([torch.isfinite(p.detach().reshape(k, -1)).all(dim=1) for _, p in named])
             bad = (~finite.all(dim=0)).nonzero().flatten().tolist()
             if bad:
-                message = f"the weights are not finite after step {self.global_step - 1}"
+                finite_here = finite[:, bad[0]].tolist()
+                which = ", ".join(name for (name, _), ok in zip(named, finite_here, strict=True) if not ok)
+                # Weights are checked at start, at checkpoints and at the end; the loss, checked every
+                # step, names the first step where a non-finite weight is used.
+                when = f"after step {self.global_step - 1}" if self.global_step > 0 else "before the first step"
+                message = f"the weights ({which}) are not finite {when}"
                 raise TrainingDiverged(self._divergence_message(bad, message))
 
     def _divergence_message(self, instances: list[int], what: str) -> str:
