@@ -68,13 +68,13 @@ def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], pa
         )
 
 
-# The task's state and the config field each entry comes from.
+# The task's state and the config field each entry comes from; M last, as the seed draws it.
 TASK_FIELDS = {
-    "mixing": "data.mixing",
-    "feature_probability": "data.feature_probability",
     "seeds": "data.seed",
+    "feature_probability": "data.feature_probability",
     "learn_sigma": "data.learn_sigma",
     "sigma": "data.sigma",
+    "mixing": "data.mixing",
 }
 
 

@@ -22,10 +22,12 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-
-from lightning.pytorch import Trainer
+from typing import TYPE_CHECKING
 
 from cis_lightning.errors import ConfigError, require
+
+if TYPE_CHECKING:  # the module itself needs no Lightning (`cis report` uses check_writable_directory)
+    from lightning.pytorch import Trainer
 
 # What a run writes into its directory (LightningCLI's config, the module's results and weights).
 RUN_OUTPUTS = ("config.yaml", "weights.pt", "results.csv", "results_by_p.csv")
@@ -88,6 +90,8 @@ class RunDirectory:
         self.path, self._trainer = log_dir, trainer
         resuming = resume_from is not None and Path(resume_from).absolute().parent in (checkpoint_dir, log_dir)
         found = [] if resuming else existing_outputs(log_dir, checkpoint_dir if fit else None)
+        if found and would_create is not None and not any(p.is_relative_to(would_create) for p in found):
+            shutil.rmtree(would_create, ignore_errors=True)  # made just now, for a run that is refused
         names = ", ".join(str(p.relative_to(log_dir)) if p.is_relative_to(log_dir) else str(p) for p in found[:3])
         require(
             not found,

@@ -4,8 +4,9 @@
 certainly holds at once (mixing matrices, weights with their gradient and two Adam moments,
 one training batch's activations, one evaluation batch's, and the evaluation plan's list of
 batches). `check_memory` compares it with the device's total memory and names the field most to
-blame (the one whose default value would shrink the estimate most), with the memory it would need. A size that fits the estimate may still not fit
-the allocator; one that does not fit it certainly does not fit.
+blame (the one whose default value would shrink the estimate most), with the memory it would
+need. A size that fits the estimate may still not fit the allocator; one that does not fit it
+certainly does not fit.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def memory_needed(sizes: dict[str, int], training: bool) -> dict[str, int]:
     return {
         "data.n_features": FLOAT * k * n * n,  # the mixing matrices M (K, n, n)
         "model.network.init_args.d_mlp": FLOAT * weights * (4 if training else 1),  # + gradient, Adam's m and v
-        "data.batch_size": FLOAT * k * sizes["batch_size"] * (n + h + d) if training else 0,
-        "data.eval_batch_size": FLOAT * k * sizes["eval_batch_size"] * (n + h + d),
+        "data.batch_size": FLOAT * k * sizes["batch_size"] * (n + h) if training else 0,
+        "data.eval_batch_size": FLOAT * k * sizes["eval_batch_size"] * (n + h),
         "data.eval_nonempty_samples": PLAN_ENTRY * (sizes["eval_nonempty_samples"] // sizes["eval_batch_size"] + n),
     }
 
