@@ -94,8 +94,8 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: tuple[int, ...]
         require(
             size <= MAX_EXPANDED_NODES,
             source,
-            f"the YAML expands to more than {MAX_EXPANDED_NODES} values (aliases repeating aliases, line "
-            f"{_line(node)}); write the values out",
+            f"the YAML expands to more than {MAX_EXPANDED_NODES} values (line {_line(node)}; aliases count "
+            "once per use): a cis config is far smaller",
         )
     sizes[id(node)] = size
     return size

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace, get_loader, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -359,6 +360,12 @@ def run(args: list[str] | None = None) -> LightningCLI:
         _fail("interrupted by Ctrl-C (SIGINT) before training started; nothing was saved", status=EXIT_SIGINT)
     except UnicodeDecodeError as error:  # a file that jsonargparse read (the arguments' own were checked)
         _fail(f"config: a file given is not UTF-8 text (byte {error.start}: {error.reason})")
+    except (MemoryError, RuntimeError) as error:  # the allocator, past the estimate of cis_lightning.sizes
+        text = " ".join(str(error).split())
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in text:
+            raise
+        problem = (re.search(r"tried to allocate [\d.]+ \w+", text) or re.search(r".{0,80}", text)).group(0)
+        _fail(f"out of memory ({problem}): make data.batch_size, data.eval_batch_size or the model smaller", status=1)
     except OSError as error:  # the file system failed under a run (full disk, a directory made read-only)
         where = f"{error.filename}: " if error.filename else ""
         _fail(f"file system: {where}{error.strerror or error}", status=EXIT_FILE_SYSTEM)

@@ -688,10 +688,10 @@ def main(args: list[str] | None = None) -> None:
     missing = [str(d) for d in options.directories if not d.is_dir()]
     if missing:
         _fail(f"report: no such run directory: {', '.join(missing)}")
+    _check_output(options.output)
     if not any(any(d.rglob("results.csv")) for d in options.directories):
         names = ", ".join(map(str, options.directories))
         _fail(f"report: no results.csv under {names}: give run directories that `cis test` wrote results into")
-    _check_output(options.output)
     try:
         print(f"report: {write_report(options.directories, options.output)}")
     except ConfigError as error:

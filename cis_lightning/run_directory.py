@@ -71,9 +71,10 @@ class RunDirectory:
 
     def claim(self, trainer: Trainer, resume_from: str | None, fit: bool) -> None:
         """Claim `trainer`'s log directory (rank zero only); `resume_from`: the checkpoint a fit resumes."""
+        log_dir = trainer.log_dir  # on every rank: a collective once DDP's process group exists
         if not trainer.is_global_zero:
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir).absolute()
+        log_dir = Path(log_dir or trainer.default_root_dir).absolute()
         callback = trainer.checkpoint_callback
         configured = getattr(callback, "dirpath", None) if callback is not None else None
         checkpoint_dir = Path(configured).absolute() if configured else log_dir / "checkpoints"

@@ -12,6 +12,8 @@ certainly does not fit.
 from __future__ import annotations
 
 import os
+import resource
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +29,18 @@ def device_memory(accelerator: Any) -> tuple[int, str]:
     if str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1], f"the GPU's {_gb(torch.cuda.mem_get_info()[1])}"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total, f"this machine's {_gb(total)} of RAM"
+    limits = [(total, f"this machine's {_gb(total)} of RAM")]
+    for name in ("RLIMIT_AS", "RLIMIT_DATA"):  # a limit set on this process (ulimit -v, prlimit)
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, f"this process's {name} of {_gb(soft)}"))
+    try:  # a container's memory limit (cgroup v2)
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append((int(text), f"this container's memory limit of {_gb(int(text))}"))
+    except OSError:
+        pass
+    return min(limits)
 
 
 def memory_needed(sizes: dict[str, int], training: bool) -> dict[str, int]:

@@ -118,6 +118,12 @@ class TestAFitNeverOverwritesARun:
         assert "already holds a run" in fails(args, capsys)
         assert contents(run_dir) == before
 
+    def test_a_failure_in_set_up_after_the_claim_leaves_no_run_directory(self, tmp_path, capsys):
+        save_dir = tmp_path / "runs"
+        message = fails(["fit", *tiny_args(save_dir), "--model.init_from", str(tmp_path / "missing.ckpt")], capsys)
+        assert message.startswith("cis: error: model.init_from:")
+        assert not save_dir.exists()
+
     def test_the_run_itself_resumes_with_ckpt_path_last(self, finished, tmp_path):
         save_dir, run_dir = copy_run(finished, tmp_path)
         resumed = run(["fit", *tiny_args(save_dir, steps=4), "--ckpt_path", "last"])
