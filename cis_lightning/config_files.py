@@ -77,12 +77,13 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: tuple[int, ...]
         seen: dict[tuple[str, str], int] = {}
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                first = seen.setdefault((key.tag, key.value), _line(key))
+                first = seen.get((key.tag, key.value))
                 require(
-                    first == _line(key),
+                    first is None,
                     source,
                     f"duplicate key {key.value!r} at line {_line(key)} (first at line {first}): give each key once",
                 )
+                seen[(key.tag, key.value)] = _line(key)
         children = [child for pair in node.value for child in pair]
     elif isinstance(node, yaml.SequenceNode):
         children = node.value

@@ -175,11 +175,15 @@ class TestConfigFiles:
     @given(
         path=st.lists(st.sampled_from(["data", "model", "grid", "x"]), min_size=0, max_size=3),
         key=st.sampled_from(["lr", "sigma", "seed", "n_features"]),
+        flow=st.booleans(),
     )
-    def test_a_repeated_key_at_any_depth_is_refused_naming_it(self, path, key):
-        indent = "".join(f"{'  ' * i}{name}:\n" for i, name in enumerate(path))
-        pad = "  " * len(path)
-        text = f"{indent}{pad}{key}: 1\n{pad}other: 2\n{pad}{key}: 3\n"
+    def test_a_repeated_key_at_any_depth_is_refused_naming_it(self, path, key, flow):
+        if flow:  # all on one line: {data: {grid: {sigma: 1, other: 2, sigma: 3}}}
+            text = "".join(f"{{{name}: " for name in path) + f"{{{key}: 1, other: 2, {key}: 3}}" + "}" * len(path)
+        else:
+            indent = "".join(f"{'  ' * i}{name}:\n" for i, name in enumerate(path))
+            pad = "  " * len(path)
+            text = f"{indent}{pad}{key}: 1\n{pad}other: 2\n{pad}{key}: 3\n"
         with pytest.raises(ConfigError, match=f"duplicate key '{key}'"):
             check_yaml(text)
 
@@ -214,6 +218,10 @@ class TestConfigFiles:
         bomb = "{" + ", ".join(alias_bomb(10, 7).splitlines()) + "}"  # the same bomb as one flow mapping
         message = fails(["fit", *tiny_args(tmp_path / "runs"), "--data.grid", bomb], capsys)
         assert message.startswith("cis: error: data.grid:") and "expands to more than" in message
+
+    def test_a_repeated_key_on_one_line_is_refused(self, tmp_path, capsys):
+        args = ["fit", *tiny_args(tmp_path / "runs"), "--data.grid", '{"sigma": [0.1], "sigma": [0.2]}']
+        assert fails(args, capsys).startswith("cis: error: data.grid: duplicate key 'sigma'")
 
     def test_binary_garbage_as_a_config_file(self, tmp_path, capsys):
         config = tmp_path / "garbage.yaml"
