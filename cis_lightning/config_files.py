@@ -48,9 +48,10 @@ def decode(data: bytes, field: str, what: str) -> str:
     return text
 
 
-def check_yaml(text: str, source: str = "config") -> None:
+def check_yaml(text: str, source: str = "config") -> yaml.Node | None:
     """ConfigError(source) if `text` is larger than the caps, expands its aliases beyond MAX_EXPANDED_NODES,
-    nests deeper than MAX_DEPTH or repeats a key in a mapping. Syntax errors are left to the YAML loader."""
+    nests deeper than MAX_DEPTH or repeats a key in a mapping; else its composed root node (None: empty or
+    not valid YAML, whose syntax error is left to the YAML loader)."""
     require(
         len(text) <= MAX_CONFIG_BYTES,
         source,
@@ -59,11 +60,12 @@ def check_yaml(text: str, source: str = "config") -> None:
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
-        return  # the loader that follows reports the syntax error with its line
+        return None  # the loader that follows reports the syntax error with its line
     except RecursionError:
         raise ConfigError(source, f"the YAML nests deeper than {MAX_DEPTH} levels") from None
     if root is not None:
         _expanded_size(root, {}, (), source)
+    return root
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: tuple[int, ...], source: str) -> int:
@@ -141,6 +143,12 @@ def check_arguments(args: list[str]) -> None:
         if field == "config" or (path.suffix in (".yaml", ".yml", ".json") and path.is_file()):
             if field == "config" and value == "-":
                 continue
-            check_yaml(read_config_text(path, field), f"{field}: {path}")
+            root = check_yaml(read_config_text(path, field), f"{field}: {path}")
+            kind = type(root).__name__.removesuffix("Node").lower()
+            require(
+                field != "config" or root is None or isinstance(root, yaml.MappingNode),
+                field,
+                f"{path} holds a YAML {kind}, not a mapping of sections (model:, data:, trainer:)",
+            )
         elif len(value) > 1:
             check_yaml(value, field)
