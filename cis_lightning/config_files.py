@@ -18,7 +18,7 @@ from cis_lightning.errors import ConfigError, require
 
 # A config of this package is a few hundred bytes to a few kilobytes, and expands to a few hundred nodes.
 MAX_CONFIG_BYTES = 1 << 20
-MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_NODES = 10_000  # the largest config here has under 100; jsonargparse takes ms per value
 MAX_DEPTH = 64
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -7,6 +7,7 @@ process where a signal or a second process is the point; files are real files.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from cis_lightning.errors import ConfigError
 from cis_lightning.interrupts import EXIT_SIGINT
 from cis_lightning.main import main, run
 from cis_lightning.report import main as report
-from cis_lightning.sizes import FIELDS, check_memory, memory_needed
+from cis_lightning.sizes import FIELDS, check_memory, device_memory, memory_needed
 from tests.conftest import REPO, tiny_args
 
 pytestmark = pytest.mark.filterwarnings(
@@ -387,16 +388,18 @@ class TestSizesThatCannotFit:
     @pytest.mark.parametrize(
         ("option", "value", "field"),
         [
-            ("--data.batch_size", "1000000000", "data.batch_size"),
-            ("--model.network.init_args.d_mlp", "100000000", "model.network.init_args.d_mlp"),
+            ("--data.batch_size", str(10**12), "data.batch_size"),
+            ("--model.network.init_args.d_mlp", str(10**10), "model.network.init_args.d_mlp"),
             ("--data.n_features", "10000000", "data.n_features"),
             ("--data.eval_nonempty_samples", str(10**18), "data.eval_nonempty_samples"),
-            ("--data.grid", '{"seed": ' + str(list(range(5000))) + "}", "data.grid"),
+            ("--data.grid", '{"seed": ' + str(list(range(1000))) + "}", "data.grid"),
         ],
         ids=["batch", "d_mlp", "n_features", "eval_samples", "grid"],
     )
     def test_a_size_that_cannot_fit_is_refused_before_allocating(self, option, value, field, tmp_path, capsys):
-        extra = ["--data.n_features", "20000"] if field == "data.grid" else []
+        # 1000 instances of a size that one instance fits (whatever this machine's memory): the grid is to blame.
+        n_features = math.isqrt(2 * device_memory("cpu")[0] // (1000 * 4)) + 1
+        extra = ["--data.n_features", str(n_features)] if field == "data.grid" else []
         message = fails(["fit", *tiny_args(tmp_path / "runs"), *extra, option, value], capsys)
         assert message.startswith(f"cis: error: {field}:") and "needs about" in message and "memory" in message
         assert not (tmp_path / "runs").exists()
