@@ -156,6 +156,24 @@ def cases() -> list[Case]:
     out.append(Case("inline_duplicate_grid", "config value",
                     cis("fit", fresh, "--data.grid", '{"sigma": [0.1], "sigma": [0.2]}'), 2, "duplicate key 'sigma'",
                     absent=no_runs))  # fmt: skip
+    for option, name, data, text in [
+        ("--data", "d.bin", bytes(range(128, 256)), "not UTF-8 text"),
+        ("--data", "d.cfg", b"n_features: 10\nn_features: 20\n", "duplicate key 'n_features'"),
+        ("--data", "d.cfg", alias_bomb(10, 6).encode(), "expands to more than"),
+        ("--model.network", "n.cfg", alias_bomb(10, 6).encode(), "expands to more than"),
+        ("--trainer", "t.cfg", b"\x00" * 64, "NUL"),
+    ]:  # a section's config file: jsonargparse reads it as that section
+        out.append(
+            Case(
+                f"section_file{option.replace('.', '_')}_{len(out)}",
+                "config file",
+                cis("fit", fresh, option, "{d}/" + name),
+                2,
+                text,
+                write(name, data),
+                absent=no_runs,
+            )
+        )
     out.append(Case("config_is_a_directory", "config file", cis("fit", fresh, "--config", "{d}"), 2, "not a file",
                     absent=no_runs))  # fmt: skip
     out.append(Case("config_missing", "config file", cis("fit", fresh, "--config", "{d}/nope.yaml"), 2,
@@ -205,7 +223,7 @@ def cases() -> list[Case]:
                     copy_finished, the_run))  # fmt: skip
     out.append(Case("fresh_fit_into_checkpoint_dirpath", "run directory",
                     cis("fit", lambda d: tiny(d / "other"), "--checkpoint.dirpath",
-                        "{d}/runs/" + NAME + "/version_0/checkpoints"), 2, "last.ckpt", copy_finished, the_run,
+                        "{d}/runs/" + NAME + "/version_0/checkpoints"), 2, "checkpoint.dirpath", copy_finished, the_run,
                     lambda d: [d / "other"]))  # fmt: skip
     out.append(Case("test_into_version_0", "run directory",
                     cis("test", fresh, *version0, "--ckpt_path", str(FINISHED / "checkpoints" / "last.ckpt")), 2,
@@ -267,7 +285,7 @@ def cases() -> list[Case]:
         ("ckpt_missing", None, "{d}/nothing.ckpt", "does not exist"),
         ("ckpt_directory", None, "{d}", "is a directory"),
         ("ckpt_without_config", lone_checkpoint, "{d}/lone.ckpt", "no config.yaml beside"),
-        ("ckpt_garbage", checkpoint_with_config(b"\x80\x04garbage"), "", "not a readable"),
+        ("ckpt_garbage", checkpoint_with_config(b"\x80\x04garbage"), "", "g.ckpt"),
         ("ckpt_empty", checkpoint_with_config(b""), "", "not a readable"),
         ("ckpt_text", checkpoint_with_config(b"hello\n"), "", "not a readable"),
         ("ckpt_pickle_code", checkpoint_with_config(pickled_code()), "", "refused"),

@@ -122,11 +122,23 @@ def load_config_file(path: str | Path, field: str = "config") -> Any:
     return load_yaml_text(read_config_text(path, field), f"{field}: {path}")
 
 
+# Options whose value is a checkpoint file (binary, read by `loading.read_checkpoint`), not a config.
+CHECKPOINT_OPTIONS = ("ckpt_path", "model.init_from")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a value too long or odd to be a path
+        return False
+
+
 def check_arguments(args: list[str]) -> None:
     """ConfigError naming the option for a command line whose config files or values fail the checks above.
 
-    `--config FILE` (and any option whose value is an existing .yaml, .yml or .json file) is read with
-    `read_config_text` and `check_yaml`; every other value with `check_yaml` (a grid given inline).
+    `--config FILE` (and any option but a checkpoint's whose value is an existing file: jsonargparse
+    reads `--data FILE` as that section's config) is read with `read_config_text` and `check_yaml`;
+    every other value with `check_yaml` (a grid given inline).
     """
     option = None
     for arg in args[1:]:
@@ -140,7 +152,7 @@ def check_arguments(args: list[str]) -> None:
             value = arg
         field, option = option, None
         path = Path(value)
-        if field == "config" or (path.suffix in (".yaml", ".yml", ".json") and path.is_file()):
+        if field == "config" or (field not in CHECKPOINT_OPTIONS and _is_file(path)):
             if field == "config" and value == "-":
                 continue
             root = check_yaml(read_config_text(path, field), f"{field}: {path}")

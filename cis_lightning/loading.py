@@ -107,4 +107,4 @@ def check_same_task(checkpoint: dict[str, Any], task: torch.nn.Module, path: str
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

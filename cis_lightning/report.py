@@ -704,6 +704,9 @@ def _check_output(output: Path) -> None:
     """One line, before any work, for an --output that is a directory or cannot be written."""
     if output.is_dir():
         _fail(f"--output: {output} is a directory: give a file name, e.g. {output / 'report.md'}")
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        _fail(f"--output: {output} lies under {existing}, which is a file")
     try:
         check_writable_directory(output.parent, "--output")
     except ConfigError as error:

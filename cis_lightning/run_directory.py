@@ -93,6 +93,12 @@ class RunDirectory:
         found = [] if resuming else existing_outputs(log_dir, checkpoint_dir if fit else None)
         if found and would_create is not None and not any(p.is_relative_to(would_create) for p in found):
             shutil.rmtree(would_create, ignore_errors=True)  # made just now, for a run that is refused
+        if found and not any(p.is_relative_to(log_dir) for p in found):  # only in a configured checkpoint.dirpath
+            raise ConfigError(
+                CHECKPOINT_DIR_FIELD,
+                f"{checkpoint_dir} already holds another run's checkpoints ({found[0].name}); nothing was changed. "
+                "Resume that run with --ckpt_path last, or give a new checkpoint.dirpath",
+            )
         names = ", ".join(str(p.relative_to(log_dir)) if p.is_relative_to(log_dir) else str(p) for p in found[:3])
         require(
             not found,

@@ -107,7 +107,8 @@ class TestAFitNeverOverwritesARun:
         save_dir, run_dir = copy_run(finished, tmp_path)
         before = contents(run_dir)
         args = ["fit", *tiny_args(tmp_path / "other", steps=2), "--checkpoint.dirpath", str(run_dir / "checkpoints")]
-        assert "last.ckpt" in fails(args, capsys)
+        message = fails(args, capsys)
+        assert message.startswith("cis: error: checkpoint.dirpath:") and "last.ckpt" in message
         assert contents(run_dir) == before
         assert not (tmp_path / "other").exists()  # the refused run left no directory of its own
 
