@@ -321,7 +321,8 @@ def run(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI on `args` (default: sys.argv[1:]) and return it (its .trainer has the run).
 
     Bad configuration exits 2 with one message naming the field, a diverging run 1 (its last good
-    checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
+    checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM and by Ctrl-C EXIT_SIGINT after saving
+    last.ckpt, a file-system fault during a run EXIT_FILE_SYSTEM; never a traceback (docs/reliability.md).
     """
     keep_freed_memory()
     _check_yaml_in_jsonargparse()

@@ -89,7 +89,10 @@ class RunDirectory:
             raise ConfigError(LOG_DIR_FIELD, f"cannot create {log_dir} ({error.strerror})") from None
         self._lock_directory(log_dir)
         self.path, self._trainer = log_dir, trainer
-        resuming = resume_from is not None and Path(resume_from).absolute().parent in (checkpoint_dir, log_dir)
+        # "last" stays literal where a configured checkpoint.dirpath is searched by Lightning itself.
+        resuming = resume_from in ("last", "hpc") or (
+            resume_from is not None and Path(resume_from).absolute().parent in (checkpoint_dir, log_dir)
+        )
         found = [] if resuming else existing_outputs(log_dir, checkpoint_dir if fit else None)
         if found and would_create is not None and not any(p.is_relative_to(would_create) for p in found):
             shutil.rmtree(would_create, ignore_errors=True)  # made just now, for a run that is refused

@@ -131,6 +131,12 @@ class TestAFitNeverOverwritesARun:
         resumed = run(["fit", *tiny_args(save_dir, steps=4), "--ckpt_path", "last"])
         assert Path(resumed.trainer.log_dir) == run_dir and resumed.trainer.global_step == 4
 
+    def test_a_run_with_its_own_checkpoint_dirpath_resumes_with_ckpt_path_last(self, tmp_path):
+        args = ["fit", *tiny_args(tmp_path / "runs", steps=2), "--checkpoint.dirpath", str(tmp_path / "ckpts")]
+        run(args)
+        resumed = run([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+        assert resumed.trainer.global_step == 4
+
     def test_a_second_resume_of_a_running_run_is_refused_and_a_killed_run_leaves_no_lock(
         self, finished, tmp_path, capsys
     ):
