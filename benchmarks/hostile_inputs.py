@@ -244,6 +244,17 @@ def cases() -> list[Case]:
     ]:
         args = [*tiny(Path("X")), "--trainer.logger.init_args.save_dir", save_dir]
         out.append(Case(name, "file system", cis("fit", *args), 2, text, setup))
+    out.append(
+        Case(
+            "disk_full_during_training",
+            "file system",
+            cis("fit", lambda d: tiny(d / "disk" / "runs", 20), "--checkpoint.every_n_train_steps", "5"),
+            74,
+            "could not be written",
+            small_disk,
+            absent=lambda d: list((d / "disk").rglob("*.partial")),
+        )
+    )
     out.append(Case("checkpoint_dirpath_is_a_file", "file system",
                     cis("fit", fresh, "--checkpoint.dirpath", "{d}/f"), 2, "checkpoint.dirpath", write("f", "x"),
                     absent=no_runs))  # fmt: skip
@@ -376,6 +387,13 @@ def make_read_only(path: Path) -> None:
     subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
     subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
     MOUNTS.append(path)
+
+
+def small_disk(d: Path) -> None:
+    """d/disk: a 48 KiB file system (root: tmpfs), which the first checkpoint overflows."""
+    (d / "disk").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(d / "disk")], check=True)
+    MOUNTS.append(d / "disk")
 
 
 def dangling_link(d: Path) -> None:
@@ -517,7 +535,7 @@ def run_case(case: Case, root: Path) -> tuple[str, str, float]:
         return "silent acceptance", output[-300:], seconds
     if process.returncode != case.expect:
         return "wrong status", f"exit {process.returncode}, expected {case.expect}: {output[-300:]}", seconds
-    if case.expect in (1, 2) and (len(errors) != 1 or case.text not in errors[0]):
+    if case.expect in (1, 2, 74) and (len(errors) != 1 or case.text not in errors[0]):
         return "wrong message", " | ".join(errors) or output[-300:], seconds
     wanted = getattr(case.during, "text", "")
     if wanted and wanted not in output:

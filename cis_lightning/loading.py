@@ -7,9 +7,11 @@ including a refused file, becomes one ConfigError naming the field the path came
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,27 @@ def read_checkpoint(
         state = checkpoint.get("state_dict")
         require(isinstance(state, dict), field, f"{path} is not a Lightning checkpoint (no state_dict)")
     return checkpoint
+
+
+def save_atomically(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """torch.save to `<path>.partial`, fsync, then rename over `path`: a kill leaves the old file or the new one.
+
+    A failed write (a full disk: torch reports it as a RuntimeError of its zip writer) removes the
+    partial file and raises OSError naming `path` and the free space there.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:
+        partial.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        problem = f"could not be written ({_first_line(error)}; {free} bytes free there)"
+        raise OSError(getattr(error, "errno", None) or errno.EIO, problem, str(path)) from None
 
 
 def check_fits(checkpoint: dict[str, Any], expected: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -29,7 +29,7 @@ from cis_lightning.evaluation import (
     one_layer_weights,
     stratum_losses,
 )
-from cis_lightning.loading import read_checkpoint
+from cis_lightning.loading import read_checkpoint, save_atomically
 from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
 from cis_lightning.optim import AdamW
@@ -518,11 +518,8 @@ class CCModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         log_dir = self.trainer.log_dir  # on every rank: a collective under DDP
         if self.trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / "weights.pt"
             state = {"network": self.network.state_dict(), "task": self.task.state_dict()}
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            save_atomically(state, Path(log_dir) / "weights.pt")
 
 
 def automatic_threads(network: CCModel, task: Task, local_batch: int, device: torch.device) -> int | None:

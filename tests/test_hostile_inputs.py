@@ -26,7 +26,7 @@ from cis_lightning.checkpointing import read_checkpoint
 from cis_lightning.config_files import MAX_EXPANDED_NODES, check_yaml, decode
 from cis_lightning.errors import ConfigError
 from cis_lightning.interrupts import EXIT_SIGINT
-from cis_lightning.main import main, run
+from cis_lightning.main import EXIT_FILE_SYSTEM, main, run
 from cis_lightning.report import main as report
 from cis_lightning.sizes import FIELDS, check_memory, device_memory, memory_needed
 from tests.conftest import REPO, tiny_args
@@ -366,6 +366,20 @@ class TestFileSystemFaults:
             message = fails(["fit", *tiny_args(save_dir, steps=4), "--ckpt_path", "last"], capsys)
         assert "not writable" in message and str(run_dir) in message
         assert contents(run_dir) == before
+
+    def test_a_full_disk_during_a_run_is_one_line_and_leaves_no_partial_checkpoint(self, tmp_path, capsys):
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)])
+        if not mounted or mounted.returncode != 0:
+            pytest.skip("a small file system needs root and mount")
+        try:
+            args = ["fit", *tiny_args(disk / "runs", steps=20), "--checkpoint.every_n_train_steps", "5"]
+            message = fails(args, capsys, status=EXIT_FILE_SYSTEM)
+            assert message.startswith("cis: error: file system:") and "could not be written" in message
+            assert not list(disk.rglob("*.partial"))
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
 
 
 class read_only:  # noqa: N801 (a context manager used like a function)
