@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cis_lightning.errors import require
-from cis_lightning.loading import check_fits, read_checkpoint
+from cis_lightning.loading import check_fits, read_checkpoint, save_atomically
 
 __all__ = ["AtomicCheckpointIO", "RunCheckpoint", "check_fits", "read_checkpoint"]
 
@@ -52,13 +51,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A fixed name: only global rank 0 writes, and a partial file left by a kill is overwritten next time.
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
+        # A fixed partial name: only global rank 0 writes, and a partial file left by a kill is overwritten next time.
+        save_atomically(checkpoint, path)
         _fsync_directory(path.parent)
 
     def load_checkpoint(
@@ -94,7 +88,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
         if isinstance(exception, SIGTERMException) and self.save_last:
             self.save_last_now(trainer)
-            rank_zero_info(f"cis: SIGTERM at step {trainer.global_step}: saved {self.last_model_path}")
+            rank_zero_info(f"cis: stopped at step {trainer.global_step}: saved {self.last_model_path}")
 
     def save_last_now(self, trainer: pl.Trainer) -> None:
         """Write last.ckpt (in `dirpath`) with the trainer's current state, through its CheckpointIO."""

@@ -7,12 +7,13 @@ cis test --ckpt_path runs/compressed_computation/version_0/checkpoints/last.ckpt
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentError, Namespace
+import torch
+import yaml
+from jsonargparse import ArgumentError, Namespace, get_loader, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
@@ -23,10 +24,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cis_lightning.baselines import SVD, Naive, NaiveOffset, SemiNMF, Zero  # noqa: F401  (baselines by short name)
 from cis_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, check_fits, read_checkpoint
+from cis_lightning.config_files import check_arguments, check_yaml
 from cis_lightning.datamodule import CCDataModule
 from cis_lightning.errors import ConfigError, require
+from cis_lightning.interrupts import EXIT_SIGINT, CtrlC, Interrupted
+from cis_lightning.loading import check_same_task
 from cis_lightning.models import MLP, ResidualMLP  # noqa: F401  (short class names in configs)
 from cis_lightning.module import CCModule, TrainingDiverged
+from cis_lightning.run_directory import RunDirectory
+from cis_lightning.sizes import check_memory, sizes_from_config
 from cis_lightning.task import grid_size
 
 TRAINER_DEFAULTS = {
@@ -46,6 +52,8 @@ TRAINER_DEFAULTS = {
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "save_last": True, "enable_version_counter": False}
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, the shell's convention).
 EXIT_SIGTERM = 143
+# Exit status when the file system fails under a run (sysexits.h's EX_IOERR).
+EXIT_FILE_SYSTEM = 74
 # Steps between redraws of the default progress bar (Lightning's own default redraws every step, a
 # terminal write per step for a step that does little work); a bar the config brings keeps its own rate.
 PROGRESS_BAR_REFRESH = 25
@@ -65,18 +73,9 @@ class _Parser(LightningArgumentParser):
 
 
 class CISCLI(LightningCLI):
-    def __init__(self, *args: Any, **kwargs: Any):
-        # A run stopped by a ConfigError in set-up (before any training step) leaves no run directory:
-        # Lightning creates the logger's directory before the set-up hooks that can raise.
-        self.new_run_dir: Path | None = None  # the outermost directory this run creates (instantiate_trainer)
-        try:
-            super().__init__(*args, **kwargs)
-        except ConfigError:
-            trainer = getattr(self, "trainer", None)
-            started = trainer is not None and (trainer.global_step > 0 or not trainer.is_global_zero)
-            if self.new_run_dir is not None and not started:
-                shutil.rmtree(self.new_run_dir, ignore_errors=True)
-            raise
+    def __init__(self, *args: Any, run_directory: RunDirectory | None = None, **kwargs: Any) -> None:
+        self.run_directory = run_directory or RunDirectory()  # claimed by rank zero before anything is written
+        super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any):
         # Parse errors raise (run() prints them as one line) instead of printing the whole usage.
@@ -89,6 +88,24 @@ class CISCLI(LightningCLI):
         parser.link_arguments("data.seeds", "model.network.init_args.seeds", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{key}": value for key, value in CHECKPOINT_DEFAULTS.items()})
+
+    def before_instantiate_classes(self) -> None:
+        # Sizes that cannot fit are refused here, before the model and data allocate anything.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = config.get("data")
+        model = config.get("model")
+        if not isinstance(data, Namespace) or not isinstance(model, Namespace):
+            return
+        grid, shard = data.get("grid"), str(data.get("shard") or "1/1").partition("/")[2]
+        try:
+            instances = grid_size(grid) if isinstance(grid, dict) else 1
+        except (TypeError, ValueError):
+            return  # a malformed grid: the data module names the problem
+        instances = -(-instances // int(shard)) if shard.isdigit() and int(shard) > 0 else instances
+        sizes = sizes_from_config(data, model.get("network"), instances)
+        if sizes is not None:
+            accelerator = config.get("trainer", Namespace()).get("accelerator", "cpu")
+            check_memory(sizes, training=self.subcommand == "fit", accelerator=accelerator)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -158,6 +175,7 @@ class CISCLI(LightningCLI):
             expected = {f"network.{k}": v for k, v in self.model.network.state_dict().items()}
             expected.update({f"task.{k}": v for k, v in self.datamodule.task.state_dict().items()})
             check_fits(checkpoint, expected, path)
+            check_same_task(checkpoint, self.datamodule.task, path)
             self._checkpoint = None
         # Atomic checkpoint writes and weights-only reads, unless the config names its own CheckpointIO.
         config = self.config_init if self.subcommand is None else self.config_init[self.subcommand]
@@ -176,11 +194,6 @@ class CISCLI(LightningCLI):
             raise
         except (ModuleNotFoundError, ValueError) as error:  # e.g. an accelerator whose package is missing
             raise ConfigError("trainer", " ".join(str(error).split())) from None
-        log_dir = trainer.log_dir
-        for path in (Path(log_dir), *Path(log_dir).parents) if log_dir else ():
-            if path.exists():
-                break
-            self.new_run_dir = path
         return trainer
 
     def before_fit(self) -> None:
@@ -190,6 +203,17 @@ class CISCLI(LightningCLI):
         require(batch % world == 0, "data.batch_size", f"(global batch) must divide by the {world} ranks, got {batch}")
         interval = self.trainer.val_check_interval
         require(interval > 0, "trainer.val_check_interval", f"must be > 0 (steps between validations), got {interval}")
+        self.run_directory.claim(self.trainer, self.config["fit"].get("ckpt_path"), fit=True)
+
+    # Evaluation writes config.yaml and results.csv: the same claim (a new directory, locked while it runs).
+    def before_test(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
+
+    def before_validate(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
+
+    def before_predict(self) -> None:
+        self.run_directory.claim(self.trainer, None, fit=False)
 
 
 def _logger_layout(config: Namespace) -> tuple[Namespace, Path] | None:
@@ -207,18 +231,48 @@ def _version_dir(root: Path, version: int | str) -> Path:
 
 
 def _with_run_config(args: list[str]) -> list[str]:
-    """`cis test --ckpt_path RUN/checkpoints/x.ckpt` with no --config reads RUN/config.yaml."""
+    """`cis test --ckpt_path RUN/checkpoints/x.ckpt` with no --config reads RUN/config.yaml.
+
+    With neither a config nor model arguments the checkpoint must be a file with RUN/config.yaml beside
+    it: otherwise the message says which, not that model.network is missing.
+    """
     if len(args) < 1 or args[0] not in ("test", "validate", "predict") or any(a.startswith("--config") for a in args):
         return args
     for i, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else None
         if arg == "--ckpt_path" and i + 1 < len(args):
             value = args[i + 1]
-        if value:
+        if value and value not in ("last", "best", "hpc", "registry"):
             config = Path(value).resolve().parent.parent / "config.yaml"
-            if config.is_file():
+            if config.is_file() and Path(value).is_file():
                 return [args[0], "--config", str(config), *args[1:]]
+            if any(a.startswith("--model") for a in args):
+                return args  # a model given on the command line: the checkpoint is checked against it
+            require(Path(value).exists(), "ckpt_path", f"{value} does not exist")
+            require(not Path(value).is_dir(), "ckpt_path", f"{value} is a directory: give a checkpoint file")
+            raise ConfigError(
+                "ckpt_path",
+                f"no config.yaml beside {value} (looked for {config}): give the run's config with --config",
+            )
     return args
+
+
+def _check_yaml_in_jsonargparse() -> None:
+    """Every YAML text that jsonargparse loads (config files, nested ones, values) passes `check_yaml` first.
+
+    Through jsonargparse's public `set_loader`; the arguments' own files and values were checked
+    before, naming their field, so this catches what they include.
+    """
+    loader = get_loader("yaml")
+    if getattr(loader, "checked", False):
+        return
+
+    def checked(text: str) -> Any:
+        check_yaml(text, "config")
+        return loader(text)
+
+    checked.checked = True
+    set_loader("yaml", checked, exceptions=(yaml.YAMLError,))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -235,23 +289,29 @@ def run(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI on `args` (default: sys.argv[1:]) and return it (its .trainer has the run).
 
     Bad configuration exits 2 with one message naming the field, a diverging run 1 (its last good
-    checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM after saving last.ckpt; never a traceback.
+    checkpoint kept), a run stopped by SIGTERM EXIT_SIGTERM and by Ctrl-C EXIT_SIGINT after saving
+    last.ckpt, a file-system fault during a run EXIT_FILE_SYSTEM; never a traceback (docs/reliability.md).
     """
+    _check_yaml_in_jsonargparse()
     from_command_line = args is None
-    args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
-    if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments
-        sys.argv[1:] = args
+    ctrl_c = CtrlC()
     try:
-        return CISCLI(
-            CCModule,
-            CCDataModule,
-            args=None if from_command_line else args,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=SaveConfigCallback,
-            parser_class=_Parser,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=False,
-        )
+        with ctrl_c, RunDirectory() as run_directory:
+            args = _with_run_config(list(sys.argv[1:] if from_command_line else args))
+            check_arguments(args)
+            if from_command_line:  # LightningCLI reads sys.argv itself; give it the completed arguments
+                sys.argv[1:] = args
+            return CISCLI(
+                CCModule,
+                CCDataModule,
+                args=None if from_command_line else args,
+                trainer_defaults=TRAINER_DEFAULTS,
+                save_config_callback=SaveConfigCallback,
+                parser_class=_Parser,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=False,
+                run_directory=run_directory,
+            )
     except ConfigError as error:
         _fail(str(error))
     except ArgumentError as error:
@@ -261,8 +321,23 @@ def run(args: list[str] | None = None) -> LightningCLI:
     except TrainingDiverged as error:
         _fail(str(error), status=1)
     except SIGTERMException:
-        print("cis: stopped by SIGTERM; the same command with --ckpt_path last resumes the run", file=sys.stderr)
-        raise SystemExit(EXIT_SIGTERM) from None
+        signal_name = "Ctrl-C (SIGINT)" if ctrl_c.received else "SIGTERM"
+        hint = "the same command with --ckpt_path last resumes the run" if args[:1] == ["fit"] else "no results written"
+        print(f"cis: stopped by {signal_name}; {hint}", file=sys.stderr)
+        raise SystemExit(EXIT_SIGINT if ctrl_c.received else EXIT_SIGTERM) from None
+    except Interrupted:
+        _fail("interrupted by Ctrl-C (SIGINT) before training started; nothing was saved", status=EXIT_SIGINT)
+    except UnicodeDecodeError as error:  # a file that jsonargparse read (the arguments' own were checked)
+        _fail(f"config: a file given is not UTF-8 text (byte {error.start}: {error.reason})")
+    except (MemoryError, RuntimeError) as error:  # the allocator, past the estimate of cis_lightning.sizes
+        text = " ".join(str(error).split())
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in text:
+            raise
+        problem = (re.search(r"tried to allocate [\d.]+ \w+", text) or re.search(r".{0,80}", text)).group(0)
+        _fail(f"out of memory ({problem}): make data.batch_size, data.eval_batch_size or the model smaller", status=1)
+    except OSError as error:  # the file system failed under a run (full disk, a directory made read-only)
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"file system: {where}{error.strerror or error}", status=EXIT_FILE_SYSTEM)
 
 
 def _fail(message: str, status: int = 2) -> None:

@@ -24,7 +24,7 @@ from cis_lightning.evaluation import (
     naive_loss_per_feature,
     stratum_losses,
 )
-from cis_lightning.loading import read_checkpoint
+from cis_lightning.loading import read_checkpoint, save_atomically
 from cis_lightning.mixing import effective_rank
 from cis_lightning.models import CCModel
 from cis_lightning.task import Task, nonempty_steps, training_instances
@@ -331,6 +331,7 @@ class CCModule(pl.LightningModule):
         # tensor updated every step without a host sync, read only where the host syncs anyway:
         # logging steps, checkpoints and the end of training.
         self._first_nonfinite = torch.full((self.task.n_instances,), _NEVER, dtype=torch.long, device=self.device)
+        self._stop_if_diverged(check_weights=True)  # a start that is not finite (a resumed state, a learned sigma)
 
     def _watch_finite(self, losses: Tensor) -> None:
         if getattr(self, "_first_nonfinite", None) is None:  # a training step outside fit()
@@ -353,10 +354,16 @@ class CCModule(pl.LightningModule):
             bad = (first == step).nonzero().flatten().tolist()
             raise TrainingDiverged(self._divergence_message(bad, f"the loss is not finite at step {step}"))
         if check_weights:  # weights are identical on all ranks, so every rank decides alike
-            finite = torch.stack([torch.isfinite(p.detach().reshape(k, -1)).all(dim=1) for p in self.parameters()])
+            named = list(self.named_parameters())
+            finite = torch.stack([torch.isfinite(p.detach().reshape(k, -1)).all(dim=1) for _, p in named])
             bad = (~finite.all(dim=0)).nonzero().flatten().tolist()
             if bad:
-                message = f"the weights are not finite after step {self.global_step - 1}"
+                finite_here = finite[:, bad[0]].tolist()
+                which = ", ".join(name for (name, _), ok in zip(named, finite_here, strict=True) if not ok)
+                # Weights are checked at start, at checkpoints and at the end; the loss, checked every
+                # step, names the first step where a non-finite weight is used.
+                when = f"after step {self.global_step - 1}" if self.global_step > 0 else "before the first step"
+                message = f"the weights ({which}) are not finite {when}"
                 raise TrainingDiverged(self._divergence_message(bad, message))
 
     def _divergence_message(self, instances: list[int], what: str) -> str:
@@ -493,11 +500,8 @@ class CCModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         log_dir = self.trainer.log_dir  # on every rank: a collective under DDP
         if self.trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / "weights.pt"
             state = {"network": self.network.state_dict(), "task": self.task.state_dict()}
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            save_atomically(state, Path(log_dir) / "weights.pt")
 
 
 def _network_weights(path: str) -> dict[str, Tensor]:

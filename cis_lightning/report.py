@@ -24,11 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from cis_lightning import plots
+from cis_lightning.config_files import load_config_file
+from cis_lightning.errors import ConfigError
 from cis_lightning.evaluation import naive_loss_per_feature
 from cis_lightning.loading import read_checkpoint
+from cis_lightning.run_directory import check_writable_directory
 
 EXPERIMENTS = (
     "sigma_sweep",
@@ -140,9 +142,8 @@ def _all_runs(directories: list[Path]) -> list[Run]:
     runs = []
     for results in sorted(p for d in directories for p in Path(d).rglob("results.csv")):
         directory = results.parent
-        config = (
-            yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").is_file() else {}
-        )
+        config = load_config_file(directory / "config.yaml") if (directory / "config.yaml").is_file() else {}
+        config = config if isinstance(config, dict) else {}
         logger = (config.get("trainer") or {}).get("logger") or {}
         experiment = (logger.get("init_args") or {}).get("name") or directory.parent.name
         rows = read_results(results)
@@ -891,10 +892,14 @@ def main(args: list[str] | None = None) -> None:
         parser.add_argument("--only", nargs="*", default=list(EXPERIMENTS), choices=EXPERIMENTS)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
         options = parser.parse_args(args[1:])
+        if options.threads is not None and options.threads < 1:
+            _fail(f"--threads: must be an integer >= 1 (torch threads), got {options.threads}")
         if options.threads:
             torch.set_num_threads(options.threads)
         root = options.root or Path("runs/reproduce-fast" if options.fast else "runs/reproduce")
         output = options.output or Path("docs/report.md" if options.fast else "docs/report-full.md")
+        _check_output(output)
+        _check_directory(root, "--root")
         start = time.perf_counter()
         seconds = reproduce(root, options.fast, tuple(options.only))
         info = {
@@ -915,9 +920,42 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(args[1:] if args and args[0] == "report" else args)
     missing = [str(d) for d in options.directories if not d.is_dir()]
     if missing:
-        print(f"cis: error: report: no such run directory: {', '.join(missing)}", file=sys.stderr)
-        raise SystemExit(2)
-    print(f"report: {write_report(options.directories, options.output)}")
+        _fail(f"report: no such run directory: {', '.join(missing)}")
+    _check_output(options.output)
+    if not any(any(d.rglob("results.csv")) for d in options.directories):
+        names = ", ".join(map(str, options.directories))
+        _fail(f"report: no results.csv under {names}: give run directories that `cis test` wrote results into")
+    try:
+        print(f"report: {write_report(options.directories, options.output)}")
+    except ConfigError as error:
+        _fail(f"report: {error}")
+    except OSError as error:
+        _fail(f"report: {error.filename or options.output}: {error.strerror or error}")
+
+
+def _check_output(output: Path) -> None:
+    """One line, before any work, for an --output that is a directory or cannot be written."""
+    if output.is_dir():
+        _fail(f"--output: {output} is a directory: give a file name, e.g. {output / 'report.md'}")
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        _fail(f"--output: {output} lies under {existing}, which is a file")
+    try:
+        check_writable_directory(output.parent, "--output")
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _check_directory(path: Path, field: str) -> None:
+    try:
+        check_writable_directory(path, field)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _fail(message: str) -> None:
+    print(f"cis: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

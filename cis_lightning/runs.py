@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from cis_lightning import models
+from cis_lightning.config_files import load_config_file
 from cis_lightning.errors import ConfigError, require
 from cis_lightning.loading import read_checkpoint
 from cis_lightning.mixing import Mixing
@@ -44,19 +44,25 @@ class Run:
     weights: Path
 
 
-def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
+def load_run(path: str | Path, map_location: str | torch.device = "cpu", weights: str | Path | None = None) -> Run:
     """The run at `path`: a run directory (runs/<name>/version_<n>) or a checkpoint file inside one.
 
     Weights come from the checkpoint if one is given; for a directory from weights.pt (the final
-    state), else checkpoints/last.ckpt, else the `ckpt_path` a `cis test` run's config names.
+    state), else checkpoints/last.ckpt, else the `ckpt_path` a `cis test` run's config names if it
+    lies inside the directory. Weights are never taken from outside the run without asking: a
+    copied run's config can name another run's file. `weights`: the file to load instead (for a
+    `cis test` run, the checkpoint it tested, which lies in the fit's directory).
     """
     path = Path(path)
     require(path.exists(), "path", f"{path} does not exist")
     directory = path.parent.parent if path.is_file() else path
     config_file = directory / "config.yaml"
     require(config_file.is_file(), "path", f"no config.yaml in {directory}: give a run directory or its checkpoint")
-    config = yaml.safe_load(config_file.read_text())
-    weights = path if path.is_file() else _weights_file(directory, config)
+    config = load_config_file(config_file, field="path")
+    require(isinstance(config, dict), "path", f"{config_file} is not a cis config (a YAML mapping)")
+    if weights is None:
+        weights = path if path.is_file() else _weights_file(directory, config)
+    weights = Path(weights)
     task = _task(config.get("data") or {})
     network = _network(config, task)
     state = read_checkpoint(weights, map_location, field="path", lightning=False)
@@ -77,11 +83,17 @@ def _weights_file(directory: Path, config: dict) -> Path:
         if candidate.is_file():
             return candidate
     ckpt_path = config.get("ckpt_path")
-    if ckpt_path:  # a `cis test` run: its weights are the checkpoint it tested
+    if isinstance(ckpt_path, str) and ckpt_path:  # a `cis test` run: its weights are the checkpoint it tested
+        inside = directory.resolve()
         for candidate in (Path(ckpt_path), directory / ckpt_path):
-            if candidate.is_file():
+            if candidate.is_file() and candidate.resolve().is_relative_to(inside):
                 return candidate
-    raise ConfigError("path", f"no weights.pt, checkpoints/last.ckpt or readable ckpt_path in {directory}")
+        raise ConfigError(
+            "path",
+            f"{directory} has no weights of its own and its config's ckpt_path {ckpt_path} lies outside it; "
+            f"if that is the checkpoint this run used, pass it: load_run({str(directory)!r}, weights={ckpt_path!r})",
+        )
+    raise ConfigError("path", f"no weights.pt, checkpoints/last.ckpt or ckpt_path in {directory}")
 
 
 def _task(data: dict) -> Task:

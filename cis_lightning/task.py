@@ -48,6 +48,9 @@ class Stream(enum.IntEnum):
     ANALYSIS = 3
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Instance:
     """The data settings of one model instance: one row of a sweep."""
@@ -66,11 +69,14 @@ class Instance:
             f"{field}.feature_probability",
             f"must be in (0, 1], got {p}",
         )
+        # Both are float32 in the task: a value that rounds to 0 or infinity there is not the one configured.
+        require(p >= _FLOAT32.smallest_normal, f"{field}.feature_probability", f"must be >= 1.2e-38 (float32), got {p}")
         require(
             isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0,
             f"{field}.sigma",
             f"must be a finite number >= 0, got {self.sigma}",
         )
+        require(self.sigma <= _FLOAT32.max, f"{field}.sigma", f"must be <= 3.4e+38 (float32), got {self.sigma}")
         require(
             isinstance(self.seed, int) and 0 <= self.seed < 2**62,
             f"{field}.seed",

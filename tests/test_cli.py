@@ -73,21 +73,19 @@ def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network)
     assert float(row["loss_per_feature_stderr"]) == pytest.approx(float(expected.stderr[0]), rel=1e-6)
 
 
-def test_test_evaluates_the_matrices_saved_in_the_checkpoint(tiny):
-    """A checkpoint's M wins over the one the config would draw (e.g. after a code change)."""
+def test_test_refuses_a_checkpoint_whose_matrices_differ_from_its_config(tiny, capsys):
+    """The checkpoint's M is what would be evaluated and the config's settings what labels results.csv:
+    when they disagree (an edited config, or a code change to how M is drawn) the test is refused."""
     fit = run(["fit", *tiny()])
     run_dir = Path(fit.trainer.log_dir)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["state_dict"]["task.mixing"].zero_()
-    checkpoint["state_dict"]["network.w_out"].zero_()
     torch.save(checkpoint, run_dir / "checkpoints" / "zeroed.ckpt")
-    test = run(
-        ["test", "--ckpt_path", str(run_dir / "checkpoints" / "zeroed.ckpt"), "--trainer.enable_progress_bar", "false"]
-    )
-    row = read_results(Path(test.trainer.log_dir) / "results.csv")[0]
-    # Zero output against labels ReLU(x) (M = 0): L / p = E[ReLU(u)^2] = 1/6 exactly in expectation.
-    lpf, err = float(row["loss_per_feature"]), float(row["loss_per_feature_stderr"])
-    assert abs(lpf - 1 / 6) < 5 * err
+    with pytest.raises(SystemExit) as exit_:
+        run(["test", f"--ckpt_path={run_dir / 'checkpoints' / 'zeroed.ckpt'}", "--trainer.enable_progress_bar=false"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "cis: error: ckpt_path:" in err and "another data.mixing" in err and "Traceback" not in err
 
 
 def test_a_second_run_of_the_same_config_is_not_blocked(tiny):

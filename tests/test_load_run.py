@@ -63,8 +63,11 @@ def test_a_checkpoint_loads_the_module_state_dict_under_network_and_task(sweep):
 
 def test_a_test_run_directory_gives_its_results_and_the_tested_checkpoint(sweep):
     _, fit_dir, test_dir = sweep
-    loaded = load_run(test_dir)
-    assert loaded.weights.resolve() == (fit_dir / "checkpoints" / "last.ckpt").resolve()
+    tested = fit_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="lies outside it"):  # never silently from outside the directory
+        load_run(test_dir)
+    loaded = load_run(test_dir, weights=tested)
+    assert loaded.weights.resolve() == tested.resolve()
     assert [row["instance"] for row in loaded.results] == [0, 1]
     assert [row["seed"] for row in loaded.results] == [0, 1]
     assert all(isinstance(row["loss_per_feature"], float) and row["loss_per_feature"] > 0 for row in loaded.results)
