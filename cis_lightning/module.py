@@ -232,6 +232,18 @@ class CCModule(pl.LightningModule):
         return self._steps_for[1]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        sigma = self.task.sigma
+        # sigma is one (K,) parameter; where only some instances learn theirs, AdamW's decoupled weight
+        # decay would still shrink the fixed entries (their gradient is 0, their decay is not): put
+        # them back after the step, so that a fixed sigma stays exactly as configured.
+        fixed = sigma.requires_grad and not all(i.learn_sigma for i in self.task.instances)
+        kept = sigma.detach().clone() if fixed else None
+        self._step_each_instance(epoch, batch_idx, optimizer, optimizer_closure)
+        if kept is not None:
+            with torch.no_grad():
+                sigma.copy_(torch.where(self.task.learn_sigma, sigma, kept))
+
+    def _step_each_instance(self, epoch, batch_idx, optimizer, optimizer_closure) -> None:
         steps = self.instance_steps()
         if len(set(steps)) == 1:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

@@ -122,3 +122,12 @@ def test_an_instance_with_a_shorter_schedule_trains_sigma_like_a_run_of_that_len
 def test_a_bad_sigma_lr_is_one_line_naming_the_field(value, tmp_path, capsys):
     args = ["fit", *tiny_args(tmp_path / "runs"), "--data.learn_sigma", "true", "--model.sigma_lr", value]
     assert_fails_cleanly(args, tmp_path / "runs", capsys, "model.sigma_lr", "")
+
+
+def test_a_fixed_sigma_stays_as_configured_beside_a_learned_one(tmp_path):
+    """One (K,) sigma parameter: the learning instance's entry trains and decays, the fixed one never moves."""
+    grid = '{"cases": [{"learn_sigma": false, "sigma": 0.5}, {"learn_sigma": true, "sigma": 0.05}]}'
+    cli = fit(tmp_path, 30, "--data.mixing.kind", "gaussian", "--data.grid", grid, "--model.weight_decay", "0.5")
+    sigma = cli.datamodule.task.sigma.detach()
+    assert sigma[0].item() == 0.5  # float32 0.5 exactly: decay would have moved it
+    assert sigma[1].item() != pytest.approx(0.05, abs=1e-6)
