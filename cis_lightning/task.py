@@ -349,27 +349,36 @@ class Task(nn.Module):
         instead of K times, and makes differences between instances less noisy. The draw depends on
         (stream, n_active, step) alone, so instance k evaluates exactly as a one-instance run does.
         """
-        n, k = self.n_features, n_active
-        seed = torch.zeros(1, dtype=torch.int64, device=self.seeds.device)
-        key = rng.stream_key(seed, int(stream), k * 2**32 + step)[:, None, None]  # (1, 1, 1)
-        entries = torch.arange(batch_size * n, device=self.mixing.device).view(batch_size, n)
-        if k <= _SEQUENTIAL_SUBSET:
+        n, k, device = self.n_features, n_active, self.mixing.device
+        key = rng.stream_key(torch.zeros(1, dtype=torch.int64), int(stream), k * 2**32 + step)
+        # torch's own generator, seeded from the counter-based key of this (stream, k, step): the same
+        # batch on every rank and after a restart, drawn by torch's fast kernels (a stratum of p near 1
+        # draws 100 numbers a sample; hashing each was most of an evaluation's time).
+        generator = torch.Generator(device=device).manual_seed(int(key.item()) & (2**63 - 1))
+        values = 2 * torch.rand(batch_size, n, generator=generator, device=device) - 1  # (B, n)
+        if k == n:
+            x = values
+        elif k <= _SEQUENTIAL_SUBSET:
             # The j-th feature is uniform among the n - j not yet chosen: r uniform in [0, n - j),
             # stepped past the chosen ones in increasing order (k^2 / 2 cheap passes, k uniforms).
-            u = rng.uniform(key, entries[:, :k])  # (1, B, k)
+            u = torch.rand(batch_size, k, generator=generator, device=device, dtype=torch.float64)
             chosen: list[Tensor] = []
             for j in range(k):
-                index = torch.clamp((u[..., j] * (n - j)).long(), max=n - j - 1)
+                index = torch.clamp((u[:, j] * (n - j)).long(), max=n - j - 1)
                 if chosen:
                     for c in torch.sort(torch.stack(chosen, dim=-1), dim=-1).values.unbind(-1):
                         index = index + (c <= index)
                 chosen.append(index)
-            feature = torch.stack(chosen, dim=-1)
-        else:  # the top k of n uniform scores: a uniform k-subset
-            feature = rng.uniform(key, entries).topk(k, dim=-1).indices  # (1, B, k)
-        value = 2 * rng.uniform(key, batch_size * n + entries[:, :k]) - 1
-        x = torch.zeros(1, batch_size, n, device=self.mixing.device).scatter_(2, feature, value.float())
-        return x.expand(self.n_instances if instances is None else len(instances), batch_size, n)
+            feature = torch.stack(chosen, dim=-1)  # (B, k)
+            x = torch.zeros_like(values).scatter_(1, feature, values.gather(1, feature))
+        else:  # the top k (or, for k > n / 2, the bottom n - k) of n uniform scores: a uniform subset
+            scores = torch.rand(batch_size, n, generator=generator, device=device)
+            if 2 * k <= n:
+                mask = torch.zeros_like(values).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)
+            else:
+                mask = torch.ones_like(values).scatter_(1, scores.topk(n - k, dim=-1).indices, 0.0)
+            x = values * mask
+        return x[None].expand(self.n_instances if instances is None else len(instances), batch_size, n)
 
     def _dense(self, key: Tensor, p: Tensor, local: int, rank: int, compiled: bool = False) -> Tensor:
         """This rank's rows (`_dense_input`); `compiled`: the same bits from one fused pass instead of
