@@ -228,28 +228,18 @@ def evaluate_at(
             per_stratum[k] = per_stratum.get(k, 0) + size
         for k, count in per_stratum.items():
             counts[k] = max(counts.get(k, 0), count)
-    sums = {}  # stratum -> (sum, sum of squares) of the per-sample losses, (K,) each, float64
+    exact_values = exact_losses(model, task, exact)
+    metrics = [StratifiedLossPerFeature(plan, exact_values).to(task.mixing.device) for plan in plans]
     for k, count in sorted(counts.items()):
-        total = torch.zeros(2, k_instances, dtype=torch.float64, device=task.mixing.device)
         for step, start in enumerate(range(0, count, batch_size)):
             losses = per_sample_loss(model, task, task.sample_active(k, min(batch_size, count - start), step, stream))
-            losses = losses.double()
-            total += torch.stack([losses.sum(dim=1), losses.pow(2).sum(dim=1)])
-        sums[k] = total
-    exact_values = exact_losses(model, task, exact).to(task.mixing.device)  # (len(exact), K)
+            for plan, metric in zip(plans, metrics, strict=True):
+                if k in plan.sampled:  # every p whose plan samples stratum k takes the shared batch
+                    metric.update(k, losses)
     results = []
-    for plan in plans:
-        probability = plan.probability.to(device=task.mixing.device)  # (K, n + 1)
-        mean = (probability[:, list(exact)].T * exact_values).sum(dim=0)
-        variance = torch.zeros_like(mean)
-        for k in plan.sampled:
-            n_k = counts[k]
-            m_k = sums[k][0] / n_k
-            var_k = (sums[k][1] / n_k - m_k.pow(2)).clamp_min(0) * n_k / max(n_k - 1, 1)
-            mean = mean + probability[:, k] * m_k
-            variance = variance + probability[:, k].pow(2) * var_k / n_k
-        p = torch.tensor(plan.feature_probability, dtype=torch.float64, device=mean.device)
-        results.append(Evaluation((mean / p).cpu(), (variance.sqrt() / p).cpu(), sum(counts[k] for k in plan.sampled)))
+    for plan, metric in zip(plans, metrics, strict=True):
+        lpf, err = metric.compute()
+        results.append(Evaluation(lpf.cpu(), err.cpu(), sum(counts[k] for k in plan.sampled)))
     return results
 
 

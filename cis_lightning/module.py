@@ -155,6 +155,7 @@ class CCModule(pl.LightningModule):
         self.sigma_lr = lr if sigma_lr is None else sigma_lr
         self.weight_decay = weight_decay
         self.sigma_weight_decay = weight_decay if sigma_weight_decay is None else sigma_weight_decay
+        self._some_sigma_fixed = False  # some instances learn sigma, others keep theirs (configure_optimizers)
         self.equal_nonempty_samples = equal_nonempty_samples
         self._steps_for: tuple[int | None, list[int]] = (None, [])  # (max_steps, T_k): `instance_steps`
         self.init_from = init_from
@@ -211,6 +212,8 @@ class CCModule(pl.LightningModule):
             max_steps is not None and max_steps > 0, "trainer.max_steps", f"must be a positive integer, got {max_steps}"
         )
         groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
+        learned = [i.learn_sigma for i in self.task.instances]
+        self._some_sigma_fixed = any(learned) and not all(learned)  # `optimizer_step` keeps those as set
         if self.task.sigma.requires_grad:
             # CosineAnnealingLR scales each group from its own initial lr; optimizer_step's
             # per-instance factor lr_k(t) / lr(t) is the same for both groups.
@@ -236,8 +239,7 @@ class CCModule(pl.LightningModule):
         # sigma is one (K,) parameter; where only some instances learn theirs, AdamW's decoupled weight
         # decay would still shrink the fixed entries (their gradient is 0, their decay is not): put
         # them back after the step, so that a fixed sigma stays exactly as configured.
-        fixed = sigma.requires_grad and not all(i.learn_sigma for i in self.task.instances)
-        kept = sigma.detach().clone() if fixed else None
+        kept = sigma.detach().clone() if self._some_sigma_fixed else None
         self._step_each_instance(epoch, batch_idx, optimizer, optimizer_closure)
         if kept is not None:
             with torch.no_grad():
@@ -270,11 +272,12 @@ class CCModule(pl.LightningModule):
             if len(training) < self.task.n_instances:  # a frozen instance's batch is empty
                 losses, p = losses[training], p[training]
             metrics = {"train/loss": losses.mean(), "train/loss_per_feature": (losses / p).mean()}
-            if self.task.n_instances > 1:  # each instance's own curve (the transplant figure splices them)
-                metrics |= dict(zip(map(instance_tag, training), (losses / p).unbind(), strict=True))
+            per_instance = {}  # each instance's own curve (the transplant figure splices them)
+            if self.task.n_instances > 1:
+                per_instance = dict(zip(map(instance_tag, training), (losses / p).unbind(), strict=True))
             if self.task.sigma.requires_grad:
                 metrics["train/sigma"] = self.task.sigma_value().mean()
-            self._log_training(metrics)
+            self._log_training(metrics, per_instance)
         return losses.sum()
 
     def _choose_training_loss(self) -> None:
@@ -297,17 +300,19 @@ class CCModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
-    def _log_training(self, metrics: dict[str, Tensor]) -> None:
+    def _log_training(self, own: dict[str, Tensor], per_instance: dict[str, Tensor]) -> None:
         """Write the training metrics of this step to the loggers now, at step index global_step.
 
         Through the logger API rather than self.log, which hands them to the loggers only after the
         batch's checkpoint (`RunCheckpoint`) was written: a kill in between would lose the step."""
+        metrics = own | per_instance  # each instance's curve goes to the loggers only
         numbers = torch.stack([value.detach().double() for value in metrics.values()]).tolist()  # one host sync
         values = dict(zip(metrics, numbers, strict=True))
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
         for name, value in values.items():  # callbacks and the progress bar still see them
-            self.log(name, value, on_step=True, logger=False)
+            if name in own:
+                self.log(name, value, on_step=True, logger=False)
 
     # -- threads --------------------------------------------------------------------------------
     def training_threads(self) -> int | None:

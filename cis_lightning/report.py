@@ -611,15 +611,14 @@ def training_curves(fit_directory: Path) -> dict[int, tuple[list[int], list[floa
     accumulator = EventAccumulator(str(fit_directory), size_guidance={"scalars": 0})
     accumulator.Reload()
     tags = set(accumulator.Tags().get("scalars", []))
+    k_all = next(k for k in range(len(tags) + 1) if instance_tag(k) not in tags)
+    # A one-instance run logs no per-instance tag: its curve is the run's own.
+    by_instance = {k: instance_tag(k) for k in range(k_all)} if k_all else {0: "train/loss_per_feature"}
     curves = {}
-    for k in range(10_000):
-        tag = instance_tag(k) if instance_tag(k) in tags else ("train/loss_per_feature" if k == 0 else None)
-        if tag is None or tag not in tags:
-            break
-        events = accumulator.Scalars(tag)
-        curves[k] = ([e.step for e in events], [e.value for e in events])
-        if tag == "train/loss_per_feature":
-            break
+    for k, tag in by_instance.items():
+        if tag in tags:
+            events = accumulator.Scalars(tag)
+            curves[k] = ([e.step for e in events], [e.value for e in events])
     return curves
 
 
@@ -719,11 +718,15 @@ def _timing(directories: list[Path]) -> str:
     return "Produced by:\n\n" + "\n".join(f"- {note}" for note in notes)
 
 
+def config_of(experiment: str) -> str:
+    """The experiment config (its stem) a run's logger name comes from: transplant_finetune -> transplant."""
+    return "transplant" if experiment.startswith("transplant") else experiment
+
+
 def section_of(experiment: str) -> str:
     """The report section a run's experiment (its logger name) belongs to."""
-    if experiment.startswith("transplant"):
-        return "transplant"
-    return "semi_nmf" if experiment == "semi_nmf_trained" else experiment
+    name = config_of(experiment)
+    return "semi_nmf" if name == "semi_nmf_trained" else name
 
 
 def _json_value(value):
@@ -737,7 +740,7 @@ def report_data(runs: list[Run], claims: list[tuple[str, bool, str, str]]) -> di
     """
     experiments: dict[str, dict] = {}
     for run in runs:
-        name = "transplant" if run.experiment.startswith("transplant") else run.experiment
+        name = config_of(run.experiment)
         entry = experiments.setdefault(name, {"config": str(CONFIGS / f"{name}.yaml"), "rows": [], "rows_by_p": []})
         for key, rows in (("rows", run.rows), ("rows_by_p", run.rows_by_p)):
             entry[key] += [{"experiment": run.experiment} | {k: _json_value(v) for k, v in row.items()} for row in rows]
