@@ -1,9 +1,7 @@
-"""The fast backend of the training loss: a one-layer model on a sparse batch, backward written out.
+"""The fast loss: a one-layer model on a sparse batch as one autograd node, backward written out.
 
-Only the seam (`cis_lightning.backends`) imports this module; the core (models, task, evaluation)
-knows nothing of it, and deleting it leaves the reference backend (autograd through the network's
-own `forward`) in charge everywhere. tests/test_backends.py proves the two equal in losses and
-gradients for every model and option this path takes.
+tests/test_backends.py proves it equal to the reference backend in losses and gradients for every
+model and option this path takes.
 
 For h = ReLU(A x) and the readout y_hat = W h (no biases), against labels y = ReLU(x) + R x, the
 per-sample loss is ||W h - u||^2 / n with u = ReLU(x) + R x. `one_layer_form` says which networks
@@ -39,12 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cis_lightning import fastpath
 from cis_lightning.models import MLP, CCModel, ResidualMLP
 from cis_lightning.task import SparseInput, Task
-
-# Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
-# reads their count, which on a GPU would be a sync) and groups the entries with numpy.
-HOST_PATH_ON = ("cpu",)
 
 
 def one_layer_form(model: CCModel, task: Task) -> tuple[Tensor, Tensor, Tensor | None] | None:
@@ -94,7 +89,7 @@ def _entries(x: SparseInput, k: int, dtype: torch.dtype, mean: bool) -> tuple[_E
     """The entries of x grouped for `_OneLayerLoss` (K instances, values in dtype), and where each of
     their rows came from (None: the rows are x's own, or `mean` needs no sources)."""
     # Not under torch.compile either: a new row count every step would recompile every step.
-    if x.row.device.type not in HOST_PATH_ON or torch.compiler.is_compiling():
+    if x.row.device.type not in fastpath.HOST_PATH_ON or torch.compiler.is_compiling():
         return _Entries.on_device(x, k, dtype), None
     # A mean puts nothing back in place, and merges single-feature samples (`drop_empty_rows`).
     x, rows = drop_empty_rows(x, sources=not mean, merge_single=mean)
