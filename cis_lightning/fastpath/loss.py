@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from cis_lightning import fastpath
+from cis_lightning.fastpath import kernels
 from cis_lightning.models import MLP, CCModel, ResidualMLP
 from cis_lightning.task import SparseInput, Task
 
@@ -92,6 +93,8 @@ def _entries(x: SparseInput, k: int, dtype: torch.dtype, mean: bool) -> tuple[_E
     if x.row.device.type not in fastpath.HOST_PATH_ON or torch.compiler.is_compiling():
         return _Entries.on_device(x, k, dtype), None
     # A mean puts nothing back in place, and merges single-feature samples (`drop_empty_rows`).
+    if kernels.ENABLED and x.value.dtype == dtype:
+        return _Entries.grouped(x, k, mean)
     x, rows = drop_empty_rows(x, sources=not mean, merge_single=mean)
     return _Entries.on_host(x, k, dtype), rows
 
@@ -258,6 +261,27 @@ class _Entries:
         entries.__dict__["instance_by_feature"] = torch.from_numpy(np.arange(k).repeat(c))
         entries.__dict__["u_sq"] = torch.from_numpy(u_sq.astype(value.dtype))
         return entries
+
+    @classmethod
+    def grouped(cls, x: SparseInput, k: int, mean: bool) -> tuple[_Entries, Tensor | None]:
+        """`on_host` of `drop_empty_rows(x, sources=not mean, merge_single=mean)` (the same arrays, from
+        one compiled pass: `kernels.group_entries`), and the rows' sources (None for a mean)."""
+        n = x.n_features
+        arrays = kernels.group_entries(
+            np.ascontiguousarray(x.row.numpy()),
+            np.ascontiguousarray(x.feature.numpy()),
+            np.ascontiguousarray(x.value.numpy()),
+            x.batch_size,
+            n,
+            mean,
+            not mean,
+        )
+        n_rows, _, *tensors, u_sq, instance_by_feature, position_in_rows, rows = arrays
+        entries = cls(*(torch.from_numpy(a) for a in tensors), n_rows=k * (n_rows + 1), n_features=k * n, n_instances=k)
+        entries.__dict__["u_sq"] = torch.from_numpy(u_sq)
+        entries.__dict__["instance_by_feature"] = torch.from_numpy(instance_by_feature)
+        entries.__dict__["position_in_rows"] = torch.from_numpy(position_in_rows)
+        return entries, None if mean else torch.from_numpy(rows)
 
     @functools.cached_property
     def u_sq(self) -> Tensor:

@@ -1,0 +1,143 @@
+"""The numba kernels equal their numpy specification bit for bit, and the loss is the same with
+numba on and off.
+
+`kernels.group_entries` is `loss.drop_empty_rows` followed by `loss._Entries.on_host` in one
+compiled pass; every array it returns must be the numpy form's, exactly (the same integers, the same
+float sums in the same order), on drawn batches and on the edge cases: an empty batch, an instance
+or every instance without active features, single-feature samples that merge, K = 1 and K > 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cis_lightning import fastpath
+from cis_lightning.fastpath import kernels, loss
+from cis_lightning.mixing import Mixing
+from cis_lightning.models import MLP, ResidualMLP
+from cis_lightning.task import Instance, SparseInput, Task
+
+pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+
+FIELDS = [f.name for f in dataclasses.fields(loss._Entries)]
+CACHED = ("u_sq", "instance_by_feature", "position_in_rows")
+
+
+def _numpy_form(x: SparseInput, mean: bool) -> tuple[loss._Entries, torch.Tensor | None]:
+    compact, rows = loss.drop_empty_rows(x, sources=not mean, merge_single=mean)
+    return loss._Entries.on_host(compact, x.row.shape[0], x.value.dtype), rows
+
+
+def _assert_same(x: SparseInput, mean: bool) -> None:
+    expected, expected_rows = _numpy_form(x, mean)
+    got, rows = loss._Entries.grouped(x, x.row.shape[0], mean)
+    for name in (*FIELDS, *CACHED):
+        a, b = getattr(got, name), getattr(expected, name)
+        if isinstance(a, int):
+            assert a == b, name
+        else:  # the same dtype, shape and bits
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert np.array_equal(a.numpy().view(np.uint8), b.numpy().view(np.uint8)), name
+    assert (rows is None) == (expected_rows is None)
+    if rows is not None:
+        assert torch.equal(rows, expected_rows)
+
+
+def _batch(rows: list[list[int]], features: list[list[int]], values: list[list[float]], b: int, n: int) -> SparseInput:
+    return SparseInput(
+        row=torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1),
+        feature=torch.tensor(features, dtype=torch.long).reshape(len(rows), -1),
+        value=torch.tensor(values, dtype=torch.float32).reshape(len(rows), -1),
+        batch_size=b,
+        n_features=n,
+    )
+
+
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("p", [0.002, 0.01, 0.1, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouping_drawn_batches_equals_the_numpy_form(mean, k, p, dtype):
+    task = Task([Instance(p * (1 + i) / k, seed=i) for i in range(k)], 40, False)
+    for step in range(3):
+        x = task.draw(300, step=step)
+        _assert_same(dataclasses.replace(x, value=x.value.to(dtype)), mean)
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_grouping_exactly_one_active_batches_equals_the_numpy_form(mean):
+    task = Task([Instance(0.01, seed=i) for i in range(3)], 7, True)  # many single samples of each feature
+    _assert_same(task.draw(500, step=2), mean)
+
+
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize(
+    "batch",
+    [
+        # an empty batch: no entries at all
+        _batch([[], []], [[], []], [[], []], b=8, n=3),
+        # every sample empty: only padding
+        _batch([[4, 4, 4]], [[0, 0, 0]], [[0.0, 0.0, 0.0]], b=4, n=3),
+        # one instance empty, the other with single-feature samples of both signs and a shared feature
+        _batch(
+            [[6, 6, 6, 6, 6], [0, 1, 2, 3, 6]],
+            [[0, 0, 0, 0, 0], [2, 2, 2, 1, 0]],
+            [[0.0] * 5, [0.5, -0.25, 0.75, 0.1, 0.0]],
+            b=6,
+            n=3,
+        ),
+        # K = 1: a two-feature sample, three singles of one cell, no padding, B = 1 row per sample
+        _batch([[0, 0, 1, 2, 3]], [[1, 0, 2, 2, 2]], [[0.3, -0.6, 0.2, 0.4, 0.9]], b=4, n=3),
+        # one feature only (n = 1), every sample a single
+        _batch([[0, 1, 2, 3, 4, 5]], [[0] * 6], [[0.5, -0.5, 0.25, -1.0, 1.0, 0.0]], b=6, n=1),
+    ],
+)
+def test_grouping_edge_cases_equals_the_numpy_form(batch, mean):
+    _assert_same(batch, mean)
+
+
+def test_the_width_is_trimmed_to_the_fullest_instance_as_numpy_does():
+    x = Task([Instance(0.01, seed=i) for i in range(2)], 30, False).draw(400, step=0)
+    b = x.batch_size
+    pad = 200
+    wide = SparseInput(
+        row=torch.cat([x.row, torch.full((2, pad), b)], dim=1),
+        feature=torch.cat([x.feature, torch.zeros(2, pad, dtype=torch.long)], dim=1),
+        value=torch.cat([x.value, torch.zeros(2, pad)], dim=1),
+        batch_size=b,
+        n_features=x.n_features,
+    )
+    _assert_same(wide, mean=True)
+    assert loss._Entries.grouped(wide, 2, True)[0].feature.shape[0] < 2 * wide.row.shape[1]
+
+
+NETWORKS = {
+    "mlp": lambda k: MLP(n_features=30, d_mlp=8, seeds=list(range(k))),
+    "residual": lambda k: ResidualMLP(n_features=30, d_embed=60, d_mlp=8, seeds=list(range(k))),
+}
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+@pytest.mark.parametrize("mean", [True, False])
+def test_the_loss_is_bit_identical_with_numba_on_and_off(network, mean, monkeypatch):
+    k = 3
+    model = NETWORKS[network](k)
+    task = Task(
+        [Instance(0.03, seed=i, sigma=0.1, learn_sigma=True, mixing=Mixing("gaussian")) for i in range(k)], 30, False
+    )
+    x = task.draw(512, step=1)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        losses = fastpath.one_layer_loss(*fastpath.one_layer_form(model, task), x, mean=mean)
+        params = [*model.parameters(), task.sigma]
+        grads = torch.autograd.grad(losses.sum(), [p for p in params if p.requires_grad])
+        results.append((losses.detach(), grads))
+    (on, on_grads), (off, off_grads) = results
+    assert torch.equal(on, off)
+    for a, b in zip(on_grads, off_grads, strict=True):
+        assert torch.equal(a, b)
