@@ -5,7 +5,8 @@ fresh process whose PYTHONPATH puts that tree's `cis_lightning` first: this chec
 worktree` of BASE made for the run (and removed after it). A step timer (a Lightning callback written
 to a temporary module) measures the steps after a warm-up, so start-up, the CLI and the draw's
 compilation are excluded. The two sides alternate for `--repeats` rounds; the ratio is the median of
-the rounds' ratios, which a drift of the machine's speed between rounds moves less.
+the rounds' ratios, which a drift of the machine's speed between rounds moves less. Each side's peak
+resident memory (its process's ru_maxrss at the end of training, Linux) is printed beside it.
 
     python benchmarks/sweep_baseline.py [--base 8f82718] [--steps N] [--warmup W] [--repeats R] [--threads T]
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 K = 82
 TIMER = """
-import json, time
+import json, resource, time
 import lightning.pytorch as pl
 
 
@@ -41,12 +42,16 @@ class StepTimer(pl.Callback):
 
     def on_train_end(self, trainer, module):
         with open(self.output, "w") as f:
-            json.dump({"steps": self.steps, "seconds": self.stop - self.start}, f)
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            json.dump({"steps": self.steps, "seconds": self.stop - self.start, "peak_rss_mb": peak_rss_mb}, f)
 """
 
 
-def instance_steps_per_second(tree: Path, tmp: Path, warmup: int, steps: int, threads: int | None) -> float:
-    """Instance-steps/s of the sweep's `cis fit` with `tree`'s package, run in `tmp` (which holds the timer)."""
+def instance_steps_per_second(
+    tree: Path, tmp: Path, warmup: int, steps: int, threads: int | None
+) -> tuple[float, float]:
+    """Instance-steps/s of the sweep's `cis fit` with `tree`'s package, run in `tmp` (which holds the
+    timer), and the process's peak resident memory in MiB."""
     (tmp / "cis_bench_timer.py").write_text(TIMER)
     output = tmp / "timing.json"
     args = [
@@ -70,7 +75,7 @@ def instance_steps_per_second(tree: Path, tmp: Path, warmup: int, steps: int, th
     if done.returncode != 0:
         raise SystemExit(f"sweep_baseline: the run in {tree} failed:\n{done.stderr[-3000:]}")
     timing = json.loads(output.read_text())
-    return K * timing["steps"] / timing["seconds"]
+    return K * timing["steps"] / timing["seconds"], timing["peak_rss_mb"]
 
 
 def main() -> None:
@@ -87,19 +92,24 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), options.base], check=True)
         try:
             rates: dict[str, list[float]] = {"now": [], "base": []}
+            memory: dict[str, list[float]] = {"now": [], "base": []}
             for _ in range(options.repeats):
                 for name, tree in (("now", REPO), ("base", base)):
                     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-                        rate = instance_steps_per_second(
+                        rate, rss = instance_steps_per_second(
                             tree, Path(tmp), options.warmup, options.steps, options.threads
                         )
                     rates[name].append(rate)
-                    print(f"{name}: {rate:.0f} instance-steps/s", flush=True)
+                    memory[name].append(rss)
+                    print(f"{name}: {rate:.0f} instance-steps/s, peak RSS {rss:.0f} MiB", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
     ratios = [now / base for now, base in zip(rates["now"], rates["base"], strict=True)]
     print(f"| K = {K} sigma sweep, instance-steps/s | {statistics.median(rates['now']):.0f} | ", end="")
     print(f"{statistics.median(rates['base']):.0f} ({options.base}) | {statistics.median(ratios):.2f}x |")
+    now_rss, base_rss = statistics.median(memory["now"]), statistics.median(memory["base"])
+    print(f"| K = {K} sigma sweep, peak RSS (MiB) | {now_rss:.0f} | {base_rss:.0f} ({options.base}) | ", end="")
+    print(f"{now_rss / base_rss:.2f}x |")
 
 
 if __name__ == "__main__":
