@@ -14,18 +14,19 @@ disk (`cache=True`) for later processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # numba is optional: the numpy form does the same
-    numba = None
+numba = None
+if os.environ.get("CIS_NUMBA", "1") != "0":  # not even imported when off (LLVM costs resident memory)
+    with contextlib.suppress(ImportError):  # numba is optional: the numpy form does the same
+        import numba
 
 # Read by the loss at every call, so that tests (or a user) can switch it at run time.
-ENABLED = numba is not None and os.environ.get("CIS_NUMBA", "1") != "0"
+ENABLED = numba is not None
 
 
 def _compiled(function):
