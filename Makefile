@@ -36,7 +36,7 @@ bench: $(STAMP)
 # full paper settings -> docs/report-full.md; FAST=1 (or reproduce-fast): short schedules -> docs/report.md.
 # REPRODUCE_FLAGS="--threads 1" helps on a busy machine.
 reproduce: $(STAMP)
-	$(BIN)/python -m cis_lightning.report reproduce $(if $(FAST),--fast) $(REPRODUCE_FLAGS)
+	$(BIN)/cis reproduce $(if $(FAST),--fast) --output docs/report$(if $(FAST),,-full).md $(REPRODUCE_FLAGS)
 
 reproduce-fast: $(STAMP)
 	$(MAKE) reproduce FAST=1

@@ -27,10 +27,10 @@ import time
 
 import torch
 
+from cis_lightning.core.mixing import Mixing
+from cis_lightning.core.models import MLP
+from cis_lightning.core.task import Instance, Task
 from cis_lightning.evaluation import evaluate, evaluate_at
-from cis_lightning.mixing import Mixing
-from cis_lightning.models import MLP
-from cis_lightning.task import Instance, Task
 
 TRAINED_P = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 EVAL_P = [0.001, 0.00215, 0.00464, 0.01, 0.0215, 0.0464, 0.1, 0.215, 0.464, 1.0]

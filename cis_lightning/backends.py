@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from cis_lightning import fastpath
-from cis_lightning.errors import ConfigError, require
-from cis_lightning.evaluation import mean_loss
-from cis_lightning.models import CCModel
-from cis_lightning.task import SparseInput, Task
+from cis_lightning.core.errors import ConfigError, require
+from cis_lightning.core.loss import mean_loss
+from cis_lightning.core.models import CCModel
+from cis_lightning.core.task import SparseInput, Task
 
 LOSS_BACKENDS = ("auto", "reference", "fast")
 

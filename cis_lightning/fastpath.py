@@ -2,7 +2,7 @@
 
 Only the seam (`cis_lightning.backends`) imports this module; the core (models, task, evaluation)
 knows nothing of it, and deleting it leaves the reference backend (autograd through the network's
-own `forward`) in charge everywhere. tests/test_backends.py proves the two equal in losses and
+own `forward`) in charge everywhere. tests/fastpath/test_backends.py proves the two equal in losses and
 gradients for every model and option this path takes.
 
 For h = ReLU(A x) and the readout y_hat = W h (no biases), against labels y = ReLU(x) + R x, the
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cis_lightning.models import MLP, CCModel, ResidualMLP
-from cis_lightning.task import SparseInput, Task
+from cis_lightning.core.models import MLP, CCModel, ResidualMLP
+from cis_lightning.core.task import SparseInput, Task
 
 # Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
 # reads their count, which on a GPU would be a sync) and groups the entries with numpy.
