@@ -26,11 +26,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Training steps/s against a plain PyTorch loop, the K = 82 sweep against commit 8f82718 (a git
-# worktree of it), and evaluation against the authors' dense protocol (docs/performance.md).
+# worktree of it), evaluation against the authors' dense protocol, and whole experiments (fit + test)
+# against the authors' scripts (docs/performance.md).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/sweep_baseline.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/experiments.py
 
 # Every configs/experiments/*.yaml as one run each (trained models and baselines), then the report:
 # full paper settings -> docs/report-full.md; FAST=1 (or reproduce-fast): short schedules -> docs/report.md.
