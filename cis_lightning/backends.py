@@ -1,6 +1,6 @@
 """The one seam between the training step and its loss backends (`model.loss_backend`).
 
-- reference: `evaluation.mean_loss`, autograd through the network's own `forward` (the equation).
+- reference: `core.loss.mean_loss`, autograd through the network's own `forward` (the equation).
 - fast: `fastpath.mean_loss`, the same loss with its backward written out, for a bias-free one-layer
   network on sparse float32 batches in one CPU process (`fast_path_problem` lists the conditions).
 - auto: fast where it applies, reference everywhere else (GPU, DDP, mixed precision, compile,
