@@ -91,11 +91,15 @@ def test_an_unknown_config_name_is_one_line_naming_the_field(installed, tmp_path
     assert bad.returncode == 2 and bad.stderr.startswith("cis: error: config") and len(bad.stderr.splitlines()) == 1
 
 
-def test_reproduce_runs_an_experiment_from_the_wheel_with_progress_lines(installed, tmp_path):
-    done = cis(installed, tmp_path, "reproduce", "--fast", "--only", "offset_baseline", "--threads", "1")
+def test_reproduce_runs_experiments_side_by_side_from_the_wheel_with_progress_lines(installed, tmp_path):
+    only = ["--only", "offset_baseline", "eigen_alignment"]
+    done = cis(installed, tmp_path, "reproduce", "--fast", *only, "--threads", "1", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert "reproduce [1/1] offset_baseline: started" in lines
-    assert any(line.startswith("reproduce [1/1] offset_baseline: fit 1 of 1: 2,000 steps") for line in lines)
-    assert any(line.startswith("reproduce [1/1] offset_baseline: done in") for line in lines)
-    assert (tmp_path / "runs" / "reproduce-fast" / "report.md").is_file()
+    for label in ("[1/2] offset_baseline", "[2/2] eigen_alignment"):
+        assert f"reproduce {label}: started" in lines
+        assert any(line.startswith(f"reproduce {label}: fit 1 of 1: 2,000 steps") for line in lines)
+        assert any(line.startswith(f"reproduce {label}: done in") for line in lines)
+    report = (tmp_path / "runs" / "reproduce-fast" / "report.md").read_text()
+    assert "1 CPU thread(s) per job, 2 job(s)): offset_baseline" in report and "eigen_alignment" in report
+    assert "minutes of wall time" in report

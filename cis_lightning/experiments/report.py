@@ -665,9 +665,16 @@ def _timing(directories: list[Path]) -> str:
         if path.is_file():
             for info in timing_records(path):
                 timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
+                work = sum(info["seconds"].values()) / 60
+                jobs = info.get("jobs", 1)
+                total = (
+                    f"{work:.1f} minutes"
+                    if jobs == 1
+                    else (f"{work:.1f} minutes of work in {info['total_seconds'] / 60:.1f} minutes of wall time")
+                )
                 notes.append(
                     f"`{info['command']}` ({'fast schedules' if info['fast'] else 'full paper settings'}, "
-                    f"{info['threads']} CPU thread(s)): {timing}; {sum(info['seconds'].values()) / 60:.1f} minutes."
+                    f"{info['threads']} CPU thread(s) per job, {jobs} job(s)): {timing}; {total}."
                 )
     if len(notes) <= 1:
         return "".join(f"Produced by {note}" for note in notes)

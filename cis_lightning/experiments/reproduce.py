@@ -1,6 +1,6 @@
 """`cis reproduce`: every experiment of the paper (configs/experiments/*.yaml) fitted and tested, then the report.
 
-    cis reproduce [--fast] [--only NAME...] [--root runs/reproduce] [--output runs/reproduce/report.md]
+    cis reproduce [--fast] [--only NAME...] [--jobs N] [--root runs/reproduce] [--output runs/reproduce/report.md]
 
 Each experiment runs as `cis fit` and `cis test` would (the same CLI, in this process), with a
 progress line every PROGRESS_EVERY seconds: which experiment, which fit of how many, the step, and
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import yaml
 
 from cis_lightning.core.errors import ConfigError
+from cis_lightning.core.task import grid_size
 from cis_lightning.experiments.report import EXPERIMENTS, timing_records, write_report
 from cis_lightning.lightning.cli import run
 from cis_lightning.lightning.run_directory import check_writable_directory
@@ -110,51 +113,77 @@ FACTOR_BASELINES = [
 ]
 
 
-def reproduce(root: Path, fast: bool, experiments: tuple[str, ...] = EXPERIMENTS) -> dict[str, float]:
-    """Fit and test every experiment (trained models and baselines) under root; seconds per experiment."""
-    seconds = {}
-    for i, name in enumerate(experiments, 1):
-        progress = Progress(f"[{i}/{len(experiments)}] {name}", FITS.get(name, 1))
-        print(f"reproduce [{i}/{len(experiments)}] {name}: started", flush=True)
-        config = find_config(f"configs/experiments/{name}.yaml")
-        common = [
-            "--config",
-            config,
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.logger.init_args.save_dir",
-            str(root),
-        ]
-        common += FAST_COMMON + FAST[name] if fast else []
-        start = time.perf_counter()
+def reproduce(root: Path, fast: bool, experiments: tuple[str, ...] = EXPERIMENTS, jobs: int = 1) -> dict[str, float]:
+    """Fit and test every experiment (trained models and baselines) under root; seconds per experiment.
 
-        def fit_and_test(
-            extra: list[str], logger_name: str = name, common: list[str] = common, progress: Progress = progress
-        ) -> Path:
-            args = [*common, *extra, "--trainer.logger.init_args.name", logger_name]
-            fit = _cis(progress, ["fit", *args])
-            _cis(progress, ["test", *args, "--ckpt_path", str(fit / "checkpoints" / "last.ckpt")])
-            return fit
+    With `jobs` > 1 the experiments run in that many worker processes (each with this process's
+    torch threads), the costliest first (`cost`), so that the longest one does not start last."""
+    labels = {name: f"[{i}/{len(experiments)}] {name}" for i, name in enumerate(experiments, 1)}
+    if jobs == 1:
+        return {name: run_experiment(name, root, fast, labels[name]) for name in experiments}
+    order = sorted(experiments, key=lambda name: cost(name, fast), reverse=True)
+    tasks = [(name, root, fast, labels[name], torch.get_num_threads()) for name in order]
+    with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        seconds = dict(pool.imap_unordered(_worker, tasks))
+    return {name: seconds[name] for name in experiments}
 
-        if name == "offset_baseline":
-            _cis(progress, ["test", *common])
-            fit_and_test(["--model.network", "MLP"])
-        elif name == "semi_nmf":
-            for baseline in [*FACTOR_BASELINES, ["--model.network", "Naive"]]:
-                _cis(progress, ["test", *common, *baseline])
-            trained = [a if a != config else find_config("configs/experiments/semi_nmf_trained.yaml") for a in common]
-            fit_and_test([], "semi_nmf_trained", trained)
-            for baseline in [*FACTOR_BASELINES[:2], ["--model.network", "Naive"]]:
-                _cis(progress, ["test", *trained, *baseline, "--trainer.logger.init_args.name", "semi_nmf_trained"])
-        elif name == "transplant":
-            first = fit_and_test([])
-            init = ["--model.init_from", str(first / "checkpoints" / "last.ckpt"), "--data.grid", SWAPPED]
-            _cis(progress, ["test", *common, *init, "--trainer.logger.init_args.name", "transplant_swapped"])
-            fit_and_test(init, "transplant_finetune")
-        else:
-            fit_and_test([])
-        seconds[name] = time.perf_counter() - start
-        print(f"reproduce [{i}/{len(experiments)}] {name}: done in {seconds[name] / 60:.1f} min", flush=True)
+
+def cost(name: str, fast: bool) -> int:
+    """Instance-steps of an experiment's training (K times max_steps): the order of `reproduce --jobs`."""
+    config = yaml.safe_load(Path(find_config(f"configs/experiments/{name}.yaml")).read_text())
+    steps = config["trainer"]["max_steps"]
+    if fast and "--trainer.max_steps" in FAST[name]:
+        steps = int(FAST[name][FAST[name].index("--trainer.max_steps") + 1])
+    return grid_size((config.get("data") or {}).get("grid")) * steps
+
+
+def _worker(task: tuple[str, Path, bool, str, int]) -> tuple[str, float]:
+    name, root, fast, label, threads = task
+    torch.set_num_threads(threads)
+    return name, run_experiment(name, root, fast, label)
+
+
+def run_experiment(name: str, root: Path, fast: bool, label: str) -> float:
+    """Fit and test one experiment (its trained models and baselines) under root; its seconds."""
+    progress = Progress(label, FITS.get(name, 1))
+    print(f"reproduce {label}: started", flush=True)
+    config = find_config(f"configs/experiments/{name}.yaml")
+    common = [
+        "--config",
+        config,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+    ]
+    common += FAST_COMMON + FAST[name] if fast else []
+    start = time.perf_counter()
+
+    def fit_and_test(extra: list[str], logger_name: str = name, common: list[str] = common) -> Path:
+        args = [*common, *extra, "--trainer.logger.init_args.name", logger_name]
+        fit = _cis(progress, ["fit", *args])
+        _cis(progress, ["test", *args, "--ckpt_path", str(fit / "checkpoints" / "last.ckpt")])
+        return fit
+
+    if name == "offset_baseline":
+        _cis(progress, ["test", *common])
+        fit_and_test(["--model.network", "MLP"])
+    elif name == "semi_nmf":
+        for baseline in [*FACTOR_BASELINES, ["--model.network", "Naive"]]:
+            _cis(progress, ["test", *common, *baseline])
+        trained = [a if a != config else find_config("configs/experiments/semi_nmf_trained.yaml") for a in common]
+        fit_and_test([], "semi_nmf_trained", trained)
+        for baseline in [*FACTOR_BASELINES[:2], ["--model.network", "Naive"]]:
+            _cis(progress, ["test", *trained, *baseline, "--trainer.logger.init_args.name", "semi_nmf_trained"])
+    elif name == "transplant":
+        first = fit_and_test([])
+        init = ["--model.init_from", str(first / "checkpoints" / "last.ckpt"), "--data.grid", SWAPPED]
+        _cis(progress, ["test", *common, *init, "--trainer.logger.init_args.name", "transplant_swapped"])
+        fit_and_test(init, "transplant_finetune")
+    else:
+        fit_and_test([])
+    seconds = time.perf_counter() - start
+    print(f"reproduce {label}: done in {seconds / 60:.1f} min", flush=True)
     return seconds
 
 
@@ -175,7 +204,7 @@ def record_timing(root: Path, record: dict) -> Path:
 
 
 def main(args: list[str] | None = None) -> None:
-    """`cis reproduce [--fast] [--only NAME...] [--root DIR] [--output FILE] [--threads T]`."""
+    """`cis reproduce [--fast] [--only NAME...] [--jobs N] [--root DIR] [--output FILE] [--threads T]`."""
     args = list(sys.argv[1:] if args is None else args)
     parser = argparse.ArgumentParser(prog="cis reproduce", description="fit and test every experiment, then report")
     parser.add_argument("--fast", action="store_true", help="short schedules (minutes instead of hours)")
@@ -183,9 +212,12 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None, help="report file (default ROOT/report.md)")
     parser.add_argument("--only", nargs="*", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument("--jobs", type=int, default=1, help="experiments run side by side (e.g. one per CPU core)")
     options = parser.parse_args(args)
     if options.threads is not None and options.threads < 1:
         _fail(f"--threads: must be an integer >= 1 (torch threads), got {options.threads}")
+    if options.jobs < 1:
+        _fail(f"--jobs: must be an integer >= 1 (worker processes), got {options.jobs}")
     if options.threads:
         torch.set_num_threads(options.threads)
     root = options.root or Path("runs/reproduce-fast" if options.fast else "runs/reproduce")
@@ -193,11 +225,12 @@ def main(args: list[str] | None = None) -> None:
     _check_writable(output.parent, "--output")
     _check_writable(root, "--root")
     start = time.perf_counter()
-    seconds = reproduce(root, options.fast, tuple(options.only))
+    seconds = reproduce(root, options.fast, tuple(options.only), options.jobs)
     info = {
         "command": "cis reproduce " + " ".join(args),
         "fast": options.fast,
         "threads": torch.get_num_threads(),
+        "jobs": options.jobs,
         "seconds": seconds,
         "total_seconds": time.perf_counter() - start,
     }

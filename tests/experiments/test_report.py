@@ -189,9 +189,9 @@ def test_reproduce_timings_of_several_invocations_are_kept_and_a_rerun_replaces_
     assert _timing([tmp_path]).splitlines() == [
         "Produced by:",
         "",
-        "- `first` (full paper settings, 1 CPU thread(s)): semi_nmf 120 s; 2.0 minutes.",
-        "- `second` (full paper settings, 1 CPU thread(s)): sigma_sweep 600 s; 10.0 minutes.",
-        "- `third` (full paper settings, 1 CPU thread(s)): transplant 90 s; 1.5 minutes.",
+        "- `first` (full paper settings, 1 CPU thread(s) per job, 1 job(s)): semi_nmf 120 s; 2.0 minutes.",
+        "- `second` (full paper settings, 1 CPU thread(s) per job, 1 job(s)): sigma_sweep 600 s; 10.0 minutes.",
+        "- `third` (full paper settings, 1 CPU thread(s) per job, 1 job(s)): transplant 90 s; 1.5 minutes.",
     ]
     assert not list(tmp_path.glob("*.partial"))
 

@@ -330,12 +330,12 @@ class TestMessagesPointAtTheCause:
         message = fails(["report", str(tmp_path / "empty"), "--output", str(tmp_path / "r.md")], capsys)
         assert "no results.csv" in message and not (tmp_path / "r.md").exists()
 
-    @pytest.mark.parametrize("threads", ["0", "-3"])
-    def test_threads_below_one_is_an_error(self, threads, tmp_path, capsys):
+    @pytest.mark.parametrize(("option", "value"), [("--threads", "0"), ("--threads", "-3"), ("--jobs", "0")])
+    def test_threads_or_jobs_below_one_is_an_error(self, option, value, tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
-            reproduce(["--threads", threads, "--root", str(tmp_path / "r")])
+            reproduce([option, value, "--root", str(tmp_path / "r")])
         err = capsys.readouterr().err
-        assert stopped.value.code == 2 and err.startswith("cis: error: --threads:") and len(err.splitlines()) == 1
+        assert stopped.value.code == 2 and err.startswith(f"cis: error: {option}:") and len(err.splitlines()) == 1
         assert not (tmp_path / "r").exists()
 
 
