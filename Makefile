@@ -36,7 +36,8 @@ bench: $(STAMP)
 
 # Every configs/experiments/*.yaml as one run each (trained models and baselines), then the report:
 # full paper settings -> docs/report-full.md; FAST=1 (or reproduce-fast): short schedules -> docs/report.md.
-# REPRODUCE_FLAGS="--threads 1" helps on a busy machine; "--jobs 2 --threads 1" runs two experiments at a time.
+# By default one experiment per CPU core, each on one torch thread (REPRODUCE_FLAGS overrides it).
+REPRODUCE_FLAGS ?= --jobs $(shell nproc) --threads 1
 reproduce: $(STAMP)
 	$(BIN)/cis reproduce $(if $(FAST),--fast) --output docs/report$(if $(FAST),,-full).md $(REPRODUCE_FLAGS)
 
