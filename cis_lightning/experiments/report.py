@@ -766,40 +766,34 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(args[1:] if args and args[0] == "report" else args)
     missing = [str(d) for d in options.directories if not d.is_dir()]
     if missing:
-        _fail(f"report: no such run directory: {', '.join(missing)}")
-    _check_output(options.output)
+        fail(f"report: no such run directory: {', '.join(missing)}")
+    check_output(options.output)
     if not any(any(d.rglob("results.csv")) for d in options.directories):
         names = ", ".join(map(str, options.directories))
-        _fail(f"report: no results.csv under {names}: give run directories that `cis test` wrote results into")
+        fail(f"report: no results.csv under {names}: give run directories that `cis test` wrote results into")
     try:
         print(f"report: {write_report(options.directories, options.output)}")
     except ConfigError as error:
-        _fail(f"report: {error}")
+        fail(f"report: {error}")
     except OSError as error:
-        _fail(f"report: {error.filename or options.output}: {error.strerror or error}")
+        fail(f"report: {error.filename or options.output}: {error.strerror or error}")
 
 
-def _check_output(output: Path) -> None:
+def check_output(output: Path) -> None:
     """One line, before any work, for an --output that is a directory or cannot be written."""
     if output.is_dir():
-        _fail(f"--output: {output} is a directory: give a file name, e.g. {output / 'report.md'}")
+        fail(f"--output: {output} is a directory: give a file name, e.g. {output / 'report.md'}")
     existing = next(p for p in output.parents if p.exists())
     if not existing.is_dir():
-        _fail(f"--output: {output} lies under {existing}, which is a file")
+        fail(f"--output: {output} lies under {existing}, which is a file")
     try:
         check_writable_directory(output.parent, "--output")
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
 
 
-def _check_directory(path: Path, field: str) -> None:
-    try:
-        check_writable_directory(path, field)
-    except ConfigError as error:
-        _fail(str(error))
-
-
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """One line on stderr naming the problem, exit status 2 (bad input); for `cis report` and `cis reproduce`."""
     print(f"cis: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

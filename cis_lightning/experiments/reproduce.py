@@ -24,7 +24,7 @@ import yaml
 
 from cis_lightning.core.errors import ConfigError
 from cis_lightning.core.task import grid_size
-from cis_lightning.experiments.report import EXPERIMENTS, timing_records, write_report
+from cis_lightning.experiments.report import EXPERIMENTS, check_output, fail, timing_records, write_report
 from cis_lightning.lightning.cli import run
 from cis_lightning.lightning.run_directory import check_writable_directory
 from cis_lightning.runs.config_files import find_config
@@ -215,15 +215,18 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="experiments run side by side (e.g. one per CPU core)")
     options = parser.parse_args(args)
     if options.threads is not None and options.threads < 1:
-        _fail(f"--threads: must be an integer >= 1 (torch threads), got {options.threads}")
+        fail(f"--threads: must be an integer >= 1 (torch threads), got {options.threads}")
     if options.jobs < 1:
-        _fail(f"--jobs: must be an integer >= 1 (worker processes), got {options.jobs}")
+        fail(f"--jobs: must be an integer >= 1 (worker processes), got {options.jobs}")
     if options.threads:
         torch.set_num_threads(options.threads)
     root = options.root or Path("runs/reproduce-fast" if options.fast else "runs/reproduce")
     output = options.output or root / "report.md"
-    _check_writable(output.parent, "--output")
-    _check_writable(root, "--root")
+    check_output(output)
+    try:
+        check_writable_directory(root, "--root")
+    except ConfigError as error:
+        fail(str(error))
     start = time.perf_counter()
     seconds = reproduce(root, options.fast, tuple(options.only), options.jobs)
     info = {
@@ -236,18 +239,6 @@ def main(args: list[str] | None = None) -> None:
     }
     record_timing(root, info)
     print(f"report: {write_report([root], output)}")
-
-
-def _check_writable(path: Path, field: str) -> None:
-    try:
-        check_writable_directory(path, field)
-    except ConfigError as error:
-        _fail(str(error))
-
-
-def _fail(message: str) -> None:
-    print(f"cis: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 if __name__ == "__main__":

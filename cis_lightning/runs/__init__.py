@@ -121,15 +121,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu", weights
     task.load_state_dict(state["task"])
     network.to(map_location).eval()
     task.to(map_location)
-    return Run(
-        directory,
-        config,
-        read_results(directory / RESULTS),
-        read_results(directory / RESULTS_BY_P),
-        weights,
-        network,
-        task,
-    )
+    return dataclasses.replace(read_run(directory), weights=weights, network=network, task=task)
 
 
 def _weights_file(directory: Path, config: dict) -> Path:
