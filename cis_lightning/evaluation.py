@@ -352,19 +352,20 @@ class ReadoutForm:
     @staticmethod
     def of(model: CCModel, task: Task) -> ReadoutForm | None:
         """The form of `model` on `task`'s labels, or None where it is not exact (biases, several layers,
-        baselines: they evaluate through their forward)."""
-        if isinstance(model, MLP) and model.homogeneous:
-            w_in, w_out = model.effective_weights()
-            mixing = task.scaled_mixing() if task.has_mixing else None
-        elif isinstance(model, ResidualMLP) and model.n_layers == 1:
-            w_in, w_out = model.effective_weights()
-            mixing = model.effective_mixing() + (task.scaled_mixing() if task.has_mixing else 0)
-        else:
-            return None
-        dtype = task.mixing.dtype
-        return ReadoutForm(
-            w_in.detach().to(dtype), w_out.detach().to(dtype), None if mixing is None else mixing.detach().to(dtype)
-        )
+        baselines: they evaluate through their forward). Built in the weights' own dtype even under
+        mixed precision (autocast would make its products bf16)."""
+        with torch.autocast(task.mixing.device.type, enabled=False):
+            if isinstance(model, MLP) and model.homogeneous:
+                w_in, w_out = model.effective_weights()
+                mixing = task.scaled_mixing() if task.has_mixing else None
+            elif isinstance(model, ResidualMLP) and model.n_layers == 1:
+                w_in, w_out = model.effective_weights()
+                mixing = model.effective_mixing() + (task.scaled_mixing() if task.has_mixing else 0)
+            else:
+                return None
+            dtype = task.mixing.dtype
+            mixing = None if mixing is None else mixing.detach().to(dtype)
+            return ReadoutForm(w_in.detach().to(dtype), w_out.detach().to(dtype), mixing)
 
     def select(self, instances: Sequence[int] | None) -> ReadoutForm:
         """The form of `instances` only (all for None)."""
