@@ -30,8 +30,6 @@ from cis_lightning.core.mixing import Mixing, build_mixing
 _DENSE_ABOVE = 0.2
 # A CPU draws sparse batches of at most this many uniform numbers in numpy, larger ones in torch.
 _HOST_DRAW_MAX = 2**15
-# `sample_active` picks up to this many active features one by one, more as the top k of n scores.
-_SEQUENTIAL_SUBSET = 8
 
 
 def _sparse_at(ps: Sequence[float]) -> bool:
@@ -356,37 +354,36 @@ class Task(nn.Module):
         on an instance's p, M or seed, so sharing keeps each instance's estimate unbiased, draws once
         instead of K times, and makes differences between instances less noisy. The draw depends on
         (stream, n_active, step) alone, so instance k evaluates exactly as a one-instance run does.
+        A sparse stratum (`sparse_stratum`) is `active_entries` scattered into zeros.
         """
         n, k, device = self.n_features, n_active, self.mixing.device
-        key = rng.stream_key(torch.zeros(1, dtype=torch.int64), int(stream), k * 2**32 + step)
-        # torch's own generator, seeded from the counter-based key of this (stream, k, step): the same
-        # batch on every rank and after a restart, drawn by torch's fast kernels (a stratum of p near 1
-        # draws 100 numbers a sample; hashing each was most of an evaluation's time).
-        generator = torch.Generator(device=device).manual_seed(int(key.item()) & (2**63 - 1))
-        values = 2 * torch.rand(batch_size, n, generator=generator, device=device) - 1  # (B, n)
-        if k == n:
-            x = values
-        elif k <= _SEQUENTIAL_SUBSET:
-            # The j-th feature is uniform among the n - j not yet chosen: r uniform in [0, n - j),
-            # stepped past the chosen ones in increasing order (k^2 / 2 cheap passes, k uniforms).
-            u = torch.rand(batch_size, k, generator=generator, device=device, dtype=torch.float64)
-            chosen: list[Tensor] = []
-            for j in range(k):
-                index = torch.clamp((u[:, j] * (n - j)).long(), max=n - j - 1)
-                if chosen:
-                    for c in torch.sort(torch.stack(chosen, dim=-1), dim=-1).values.unbind(-1):
-                        index = index + (c <= index)
-                chosen.append(index)
-            feature = torch.stack(chosen, dim=-1)  # (B, k)
-            x = torch.zeros_like(values).scatter_(1, feature, values.gather(1, feature))
-        else:  # the top k (or, for k > n / 2, the bottom n - k) of n uniform scores: a uniform subset
-            scores = torch.rand(batch_size, n, generator=generator, device=device)
-            if 2 * k <= n:
-                mask = torch.zeros_like(values).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)
-            else:
-                mask = torch.ones_like(values).scatter_(1, scores.topk(n - k, dim=-1).indices, 0.0)
-            x = values * mask
+        if self.sparse_stratum(k):
+            feature, value = self.active_entries(k, batch_size, step, stream)
+            x = torch.zeros(batch_size, n, device=device).scatter_(1, feature, value)
+        else:
+            generator = _stratum_generator(k, step, stream, device)
+            inactive = k > n // 2  # draw the smaller of the subset and its complement
+            chosen = _uniform_subset(n, n - k if inactive else k, batch_size, generator)
+            values = 2 * torch.rand(batch_size, n, generator=generator, device=device) - 1  # (B, n)
+            x = values.masked_fill_(chosen, 0.0) if inactive else values.masked_fill_(~chosen, 0.0)
         return x[None].expand(self.n_instances if instances is None else len(instances), batch_size, n)
+
+    def sparse_stratum(self, n_active: int) -> bool:
+        """Whether samples with `n_active` active features are handled as their active entries: at most
+        the fraction of features above which `draw` draws densely."""
+        return 0 < n_active <= _DENSE_ABOVE * self.n_features
+
+    def active_entries(
+        self, n_active: int, batch_size: int, step: int, stream: Stream = Stream.TEST
+    ) -> tuple[Tensor, Tensor]:
+        """The active entries of `sample_active`'s shared draw for a sparse stratum (`sparse_stratum`):
+        feature (B, k) in increasing order along each row, value (B, k) uniform on [-1, 1]."""
+        n, k, device = self.n_features, n_active, self.mixing.device
+        generator = _stratum_generator(k, step, stream, device)
+        chosen = _uniform_subset(n, k, batch_size, generator, as_indices=True)
+        feature = chosen.sort(dim=1).values
+        value = 2 * torch.rand(batch_size, k, generator=generator, device=device) - 1
+        return feature, value
 
     def _dense(self, key: Tensor, p: Tensor, local: int, rank: int, compiled: bool = False) -> Tensor:
         """This rank's rows (`_dense_input`); `compiled`: the same bits from one fused pass instead of
@@ -444,6 +441,33 @@ def _dense_input(key: Tensor, p: Tensor, entries: Tensor) -> Tensor:
     u = rng.uniform_at(key, entries).float()  # (K, B, n)
     p = p.float()[:, None, None]
     return torch.where(u < p, 2 * u / p - 1, torch.zeros((), device=u.device))
+
+
+def _stratum_generator(n_active: int, step: int, stream: Stream, device: torch.device) -> torch.Generator:
+    """torch's own generator, seeded from the counter-based key of (stream, n_active, step): the same
+    stratum batch on every rank and after a restart, drawn by torch's fast kernels."""
+    key = rng.stream_key(torch.zeros(1, dtype=torch.int64), int(stream), n_active * 2**32 + step)
+    return torch.Generator(device=device).manual_seed(int(key.item()) & (2**63 - 1))
+
+
+def _uniform_subset(n: int, k: int, batch_size: int, generator: torch.Generator, as_indices: bool = False) -> Tensor:
+    """A uniform k-subset of n features per row, by Floyd's algorithm (Bentley and Floyd 1987): for
+    j = n - k, ..., n - 1 pick t uniform in {0, ..., j}, and j itself if t is taken already. Every
+    subset has probability 1 / C(n, k); k passes over B numbers, no sort of the n features.
+
+    Returns the mask (B, n) of chosen features, or with `as_indices` their indices (B, k), unordered.
+    """
+    device = generator.device
+    # float64 uniforms: floor(u (j + 1)) is uniform on {0, .., j} to within 2^-53 relative
+    u = torch.rand(batch_size, k, generator=generator, device=device, dtype=torch.float64)
+    taken = torch.zeros(batch_size, n, dtype=torch.bool, device=device)
+    picks = torch.empty(batch_size, k, dtype=torch.int64, device=device)
+    for i, j in enumerate(range(n - k, n)):
+        t = (u[:, i : i + 1] * (j + 1)).long().clamp_(max=j)  # (B, 1)
+        pick = torch.where(taken.gather(1, t), j, t)
+        taken.scatter_(1, pick, True)
+        picks[:, i : i + 1] = pick
+    return picks if as_indices else taken
 
 
 class _Compiled:

@@ -19,6 +19,7 @@ from cis_lightning.core.errors import require
 from cis_lightning.core.loss import per_sample_loss
 from cis_lightning.core.models import CCModel
 from cis_lightning.core.task import Stream, Task, samples_for, select_instances
+from cis_lightning.evaluation.readout import ReadoutForm, active_entries_of, readout_form
 
 
 def naive_loss_per_feature(n_features: int, n_neurons: int) -> float:
@@ -127,6 +128,8 @@ def evaluate(
     stream: Stream = Stream.TEST,
     feature_probability: list[float] | None = None,
     method: str = "stratified",
+    allocation: str = "proportional",
+    pilot_samples: int = 2048,
 ) -> Evaluation:
     """L / p of every instance, with its standard error, from about `n_nonempty` non-empty samples.
 
@@ -141,11 +144,20 @@ def evaluate(
     and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model
     with biases has only the empty sample exact and samples every other stratum.
     `feature_probability` (K floats) evaluates at other p than the trained ones.
+    allocation "variance" spends the samples by each stratum's spread instead (`neyman_counts`, from
+    a pilot of at most `pilot_samples` per stratum): the dense protocol's precision at `n_nonempty`
+    non-empty samples, from fewer samples. "proportional" (default) is the plan of `cis test`'s loop.
     """
     require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
     ps = evaluation_probability(task) if feature_probability is None else list(feature_probability)
+    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
     if method == "stratified":
-        return evaluate_plan(model, task, plan_strata(task, ps, n_nonempty, batch_size, exact_strata(model)), stream)
+        exact = exact_strata(model)
+        plan = plan_strata(task, ps, n_nonempty, batch_size, exact)
+        if allocation == "variance":
+            moments = plan_pilot(model, task, [plan], pilot_samples, exact_losses(model, task, exact), stream)
+            plan = plan_strata(task, ps, n_nonempty, batch_size, exact, moments)
+        return evaluate_plan(model, task, plan, stream)
     n_batches = math.ceil(samples_for(n_nonempty, task, ps) / batch_size)
     metric = LossPerFeature(ps).to(task.mixing.device)
     for step in range(n_batches):
@@ -159,12 +171,33 @@ def evaluate(
 def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream = Stream.TEST) -> Evaluation:
     """L / p and its standard error from the strata of `plan` (`plan_strata`)."""
     metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
+    form = readout_form(model, task)
     for k, step, size in plan.batches:
         instances = plan.instances[k]
-        x = task.sample_active(k, size, step, stream, instances)
-        metric.update(k, stratum_losses(model, task, x, instances), instances)
+        metric.update(k, draw_stratum_losses(model, task, form, k, size, step, stream, instances), instances)
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
+
+
+_ALLOCATIONS = ("proportional", "variance")
+
+
+def plan_pilot(
+    model: CCModel, task: Task, plans: Sequence[StrataPlan], pilot_samples: int, exact_values: Tensor, stream: Stream
+) -> tuple[Tensor, Tensor]:
+    """`pilot_moments` of every stratum that some proportional plan of `plans` samples, from at most
+    `pilot_samples` samples each (fewer where the proportional plan draws fewer: then the pilot costs
+    no more than the stratum would)."""
+    wanted: dict[int, int] = {}
+    for plan in plans:
+        per_stratum: dict[int, int] = {}
+        for k, _, size in plan.batches:
+            per_stratum[k] = per_stratum.get(k, 0) + size
+        for k, count in per_stratum.items():
+            wanted[k] = max(wanted.get(k, 0), count)
+    strata = sorted(wanted)
+    sizes = [min(pilot_samples, wanted[k]) for k in strata]
+    return pilot_moments(model, task, strata, sizes, plans[0].exact, exact_values, stream)
 
 
 @torch.no_grad()
@@ -175,6 +208,8 @@ def evaluate_at(
     n_nonempty: int = 1_000_000,
     batch_size: int = 65536,
     stream: Stream = Stream.TEST,
+    allocation: str = "variance",
+    pilot_samples: int = 2048,
 ) -> list[Evaluation]:
     """L / p of every instance at each p of `feature_probabilities` (one p for all K instances at a
     time): `evaluate(..., feature_probability=[q] * K)` for every q, from one set of stratum draws.
@@ -185,8 +220,14 @@ def evaluate_at(
     the stratum means with its own probabilities. Every p's estimate is at least as precise as its own
     `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
     """
+    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
     k_instances, exact = task.n_instances, exact_strata(model)
-    plans = [plan_strata(task, [q] * k_instances, n_nonempty, batch_size, exact) for q in feature_probabilities]
+    ps = [[q] * k_instances for q in feature_probabilities]
+    plans = [plan_strata(task, p, n_nonempty, batch_size, exact) for p in ps]
+    exact_values = exact_losses(model, task, exact)
+    if allocation == "variance":
+        moments = plan_pilot(model, task, plans, pilot_samples, exact_values, stream)
+        plans = [plan_strata(task, p, n_nonempty, batch_size, exact, moments) for p in ps]
     counts: dict[int, int] = {}
     for plan in plans:
         per_stratum: dict[int, int] = {}
@@ -194,11 +235,11 @@ def evaluate_at(
             per_stratum[k] = per_stratum.get(k, 0) + size
         for k, count in per_stratum.items():
             counts[k] = max(counts.get(k, 0), count)
-    exact_values = exact_losses(model, task, exact)
     metrics = [StratifiedLossPerFeature(plan, exact_values).to(task.mixing.device) for plan in plans]
+    form = readout_form(model, task)
     for k, count in sorted(counts.items()):
         for step, start in enumerate(range(0, count, batch_size)):
-            losses = per_sample_loss(model, task, task.sample_active(k, min(batch_size, count - start), step, stream))
+            losses = draw_stratum_losses(model, task, form, k, min(batch_size, count - start), step, stream)
             for plan, metric in zip(plans, metrics, strict=True):
                 if k in plan.sampled:  # every p whose plan samples stratum k takes the shared batch
                     metric.update(k, losses)
@@ -210,10 +251,37 @@ def evaluate_at(
 
 
 def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, ...] | None) -> Tensor:
-    """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None)."""
+    """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None).
+
+    x (K', B, n) is `Task.sample_active`'s draw, one (B, n) batch shared by the instances: a sparse
+    one goes through the network's `ReadoutForm` on its active entries, as `evaluate` does."""
+    form = readout_form(model, task)
+    shared = x.shape[0] == 1 or x.stride(0) == 0
+    if form is not None and shared and x.shape[1] > 0:
+        active = x[0] != 0
+        if task.sparse_stratum(int(active.sum(dim=1).max())):
+            return form.select(instances).losses(*active_entries_of(x[0], active))
     if instances is not None:
         model, task = select_instances(model, instances), select_instances(task, instances)
     return per_sample_loss(model, task, x)
+
+
+def draw_stratum_losses(
+    model: CCModel,
+    task: Task,
+    form: ReadoutForm | None,
+    k: int,
+    size: int,
+    step: int,
+    stream: Stream,
+    instances: tuple[int, ...] | None = None,
+) -> Tensor:
+    """stratum_losses of the stratum batch (k, step, size): the same numbers, but a sparse stratum
+    of a network with a `ReadoutForm` (`form`, made once per evaluation) is drawn as its active
+    entries only (`Task.active_entries`), never as a dense batch."""
+    if form is not None and task.sparse_stratum(k):
+        return form.select(instances).losses(*task.active_entries(k, size, step, stream))
+    return stratum_losses(model, task, task.sample_active(k, size, step, stream, instances), instances)
 
 
 def exact_strata(model: CCModel) -> tuple[int, ...]:
@@ -255,8 +323,20 @@ class StrataPlan:
 
 
 def plan_strata(
-    task: Task, feature_probability: list[float], n_nonempty: int, batch_size: int, exact: Sequence[int]
+    task: Task,
+    feature_probability: list[float],
+    n_nonempty: int,
+    batch_size: int,
+    exact: Sequence[int],
+    moments: tuple[Tensor, Tensor] | None = None,
 ) -> StrataPlan:
+    """The strata and batches of a stratified evaluation at the precision of `n_nonempty` non-empty samples.
+
+    Without `moments`: proportional allocation, N_k = n_nonempty P(k) / P(non-empty). With `moments`
+    (mean, variance), each (K, n + 1), the loss's mean and variance per instance and stratum (exact
+    strata: their exact mean and variance 0; `pilot_moments`): variance (Neyman) allocation at the
+    precision the dense protocol has with `n_nonempty` non-empty samples (`neyman_counts`).
+    """
     probability = active_count_probability(task, feature_probability)  # (K, n + 1)
     nonempty = probability[:, 1:].sum(dim=1, keepdim=True)
     needs = probability / nonempty >= _NEGLIGIBLE_STRATUM  # (K, n + 1): instance k samples stratum s
@@ -264,13 +344,70 @@ def plan_strata(
     instances = {k: None if needs[:, k].all() else tuple(needs[:, k].nonzero().flatten().tolist()) for k in sampled}
     batches = []
     if sampled:
-        share = (probability[:, sampled] / nonempty).amax(dim=0)  # of the non-empty samples
-        for k, fraction in zip(sampled, share.tolist(), strict=True):
-            count = max(2, math.ceil(n_nonempty * fraction))
+        if moments is None:
+            share = (probability[:, sampled] / nonempty).amax(dim=0)  # of the non-empty samples
+            counts = (n_nonempty * share).tolist()
+        else:
+            needed = neyman_counts(probability, nonempty[:, 0], n_nonempty, *moments, sampled)  # (K, S)
+            counts = torch.where(needs[:, sampled], needed, 0).amax(dim=0).tolist()
+        for k, wanted in zip(sampled, counts, strict=True):
+            count = max(2, math.ceil(wanted))
             batches += [
                 (k, step, min(batch_size, count - start)) for step, start in enumerate(range(0, count, batch_size))
             ]
     return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches, instances)
+
+
+def neyman_counts(
+    probability: Tensor, nonempty: Tensor, n_nonempty: int, mean: Tensor, variance: Tensor, sampled: list[int]
+) -> Tensor:
+    """Samples per instance and sampled stratum (K, S) for a standard error no larger than the dense
+    protocol's with `n_nonempty` non-empty samples, allocated by variance (Neyman 1934).
+
+    The dense estimate from N_d = n_nonempty / P(non-empty) samples has variance V / N_d, with
+    V = sum_k P_k (s_k^2 + (m_k - L)^2) the loss's variance (within and between strata; exact strata
+    included). Stratified, sum_k P_k^2 s_k^2 / N_k is smallest for a given total when N_k is
+    proportional to P_k s_k; the total that meets V / N_d is (sum_k P_k s_k)^2 N_d / V, so
+    N_k = P_k s_k (sum_j P_j s_j) N_d / V. A stratum with a small share P_k s_k of the spread gets
+    few samples (at least 2, `plan_strata`), however likely it is.
+    probability (K, n + 1), nonempty (K,), mean and variance (K, n + 1).
+    """
+    mean, deviation = mean.double(), variance.double().clamp_min(0).sqrt()
+    total = (probability * mean).sum(dim=1, keepdim=True)
+    spread = (probability * (deviation.pow(2) + (mean - total).pow(2))).sum(dim=1)  # V (K,)
+    dense_samples = n_nonempty / nonempty
+    weight = probability[:, sampled] * deviation[:, sampled]  # P_k s_k (K, S)
+    scale = weight.sum(dim=1) * dense_samples / spread.clamp_min(torch.finfo(torch.float64).tiny)
+    return weight * scale[:, None]
+
+
+# Pilot draws use steps from here on, which a plan never reaches: the pilot's samples only set the
+# allocation, and the estimate is made from other samples (so the allocation cannot bias it).
+_PILOT_STEP = 2**31
+
+
+@torch.no_grad()
+def pilot_moments(
+    model: CCModel,
+    task: Task,
+    strata: Sequence[int],
+    sizes: Sequence[int],
+    exact: Sequence[int],
+    exact_values: Tensor,
+    stream: Stream = Stream.TEST,
+) -> tuple[Tensor, Tensor]:
+    """(mean, variance) (K, n + 1) of every instance's loss per stratum, for `neyman_counts`: the
+    sampled `strata` from one pilot batch each of `sizes` samples (drawn for all instances at once),
+    the `exact` ones from their exact values (variance 0); strata in neither are 0."""
+    k_instances, n = task.n_instances, task.n_features
+    mean = torch.zeros(k_instances, n + 1, dtype=torch.float64)
+    variance = torch.zeros(k_instances, n + 1, dtype=torch.float64)
+    mean[:, list(exact)] = exact_values.T.double().cpu()
+    form = readout_form(model, task)
+    for k, size in zip(strata, sizes, strict=True):
+        losses = draw_stratum_losses(model, task, form, k, max(2, size), _PILOT_STEP, stream).double().cpu()
+        mean[:, k], variance[:, k] = losses.mean(dim=1), losses.var(dim=1)
+    return mean, variance
 
 
 class StratifiedLossPerFeature(Metric):

@@ -186,7 +186,7 @@ def test_evaluating_at_several_p_shares_one_draw_and_agrees_with_brute_force_at_
     task = Task([Instance(feature_probability=0.02), Instance(0.3, sigma=0.2, mixing=Mixing("gaussian"), seed=1)], 30)
     model = MLP(n_features=30, d_mlp=8, seeds=[0, 1])
     qs = [0.005, 0.05, 0.5]
-    shared = evaluate_at(model, task, qs, n_nonempty=5_000)
+    shared = evaluate_at(model, task, qs, n_nonempty=5_000, allocation="proportional")
     for q, result in zip(qs, shared, strict=True):
         alone = evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q])
         dense = evaluate(model, task, n_nonempty=20_000, batch_size=20_000, feature_probability=[q, q], method="dense")
