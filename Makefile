@@ -26,17 +26,20 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Training steps/s against a plain PyTorch loop, the K = 82 sweep against commit 8f82718 (a git
-# worktree of it), and evaluation against the authors' dense protocol (docs/performance.md).
+# worktree of it), evaluation against the authors' dense protocol, and whole experiments (fit + test)
+# against the authors' scripts (docs/performance.md).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/sweep_baseline.py
 	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/experiments.py
 
 # Every configs/experiments/*.yaml as one run each (trained models and baselines), then the report:
 # full paper settings -> docs/report-full.md; FAST=1 (or reproduce-fast): short schedules -> docs/report.md.
-# REPRODUCE_FLAGS="--threads 1" helps on a busy machine.
+# By default one experiment per CPU core, each on one torch thread (REPRODUCE_FLAGS overrides it).
+REPRODUCE_FLAGS ?= --jobs $(shell nproc) --threads 1
 reproduce: $(STAMP)
-	$(BIN)/python -m cis_lightning.report reproduce $(if $(FAST),--fast) $(REPRODUCE_FLAGS)
+	$(BIN)/cis reproduce $(if $(FAST),--fast) --output docs/report$(if $(FAST),,-full).md $(REPRODUCE_FLAGS)
 
 reproduce-fast: $(STAMP)
 	$(MAKE) reproduce FAST=1

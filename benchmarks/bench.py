@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from cis_lightning.main import run
+from cis_lightning.lightning.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cis_lightning.main import run
+from cis_lightning.lightning.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 

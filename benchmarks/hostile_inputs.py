@@ -283,7 +283,7 @@ def cases() -> list[Case]:
                     "not UTF-8", binary_config_with_results))  # fmt: skip
     for threads in ("0", "-1", "-100"):
         out.append(Case(f"reproduce_threads_{threads}", "size or value",
-                        lambda d, t=threads: ["-m", "cis_lightning.report", "reproduce", "--threads", t, "--root",
+                        lambda d, t=threads: ["-m", "cis_lightning", "reproduce", "--threads", t, "--root",
                                               str(d / "r")], 2, "--threads", absent=lambda d: [d / "r"]))  # fmt: skip
     # -- 5. checkpoints ----------------------------------------------------------------------------
     for field, edit in [("data.sigma", {"sigma": 0.5}), ("data.mixing", {"mixing": {"kind": "none"}}),

@@ -3,12 +3,12 @@
 The names imported here are pure torch (no Lightning), for notebooks and analysis code.
 """
 
-from cis_lightning.errors import ConfigError
+from cis_lightning.core.errors import ConfigError
+from cis_lightning.core.mixing import MIXING_KINDS, Mixing, build_mixing, effective_rank, embedding_mixing
+from cis_lightning.core.models import MLP, CCModel, ResidualMLP
+from cis_lightning.core.task import Instance, Stream, Task, expand_grid
 from cis_lightning.evaluation import evaluate, evaluate_at, naive_loss_per_feature
-from cis_lightning.mixing import MIXING_KINDS, Mixing, build_mixing, effective_rank, embedding_mixing
-from cis_lightning.models import MLP, CCModel, ResidualMLP
-from cis_lightning.runs import Run, load_run
-from cis_lightning.task import Instance, Stream, Task, expand_grid
+from cis_lightning.runs import Run, load_run, read_run
 
 __all__ = [
     "MIXING_KINDS",
@@ -29,4 +29,5 @@ __all__ = [
     "expand_grid",
     "load_run",
     "naive_loss_per_feature",
+    "read_run",
 ]

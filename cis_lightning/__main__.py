@@ -1,3 +1,3 @@
-from cis_lightning.main import main
+from cis_lightning.cli import main
 
 main()

@@ -1,6 +1,6 @@
 """The one seam between the training step and its loss backends (`model.loss_backend`).
 
-- reference: `evaluation.mean_loss`, autograd through the network's own `forward` (the equation).
+- reference: `core.loss.mean_loss`, autograd through the network's own `forward` (the equation).
 - fast: `fastpath.mean_loss`, the same loss with its backward written out, for a bias-free one-layer
   network on sparse float32 batches in one CPU process (`fast_path_problem` lists the conditions).
 - auto: fast where it applies, reference everywhere else (GPU, DDP, mixed precision, compile,
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from cis_lightning import fastpath
-from cis_lightning.errors import ConfigError, require
-from cis_lightning.evaluation import mean_loss
-from cis_lightning.models import CCModel
-from cis_lightning.task import SparseInput, Task
+from cis_lightning.core.errors import ConfigError, require
+from cis_lightning.core.loss import mean_loss
+from cis_lightning.core.models import CCModel
+from cis_lightning.core.task import SparseInput, Task
 
 LOSS_BACKENDS = ("auto", "reference", "fast")
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
 
-from cis_lightning.main import run as cis
+from cis_lightning.lightning.cli import run as cis
+from cis_lightning.runs.results import RESULTS, read_results
 
-CONFIG = "configs/compressed_computation.yaml"
+CONFIG = "configs/compressed_computation.yaml"  # a shipped config: found outside a checkout too
 
 
 def run(config: str = CONFIG, extra: list[str] | None = None) -> Path:
@@ -21,14 +21,11 @@ def run(config: str = CONFIG, extra: list[str] | None = None) -> Path:
     run_dir = Path(fit.trainer.log_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     test = cis(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint)])
-    results = Path(test.trainer.log_dir) / "results.csv"
-    with results.open() as f:
-        rows = list(csv.DictReader(f))
+    results = Path(test.trainer.log_dir) / RESULTS
+    rows = read_results(results)
     print(f"\ntrained {config} in {fit_seconds:.0f} s; run directory {run_dir}")
     for row in rows:
-        lpf, err, naive = (
-            float(row[k]) for k in ("loss_per_feature", "loss_per_feature_stderr", "naive_loss_per_feature")
-        )
+        lpf, err, naive = (row[k] for k in ("loss_per_feature", "loss_per_feature_stderr", "naive_loss_per_feature"))
         verdict = "beats" if lpf + 3 * err < naive else "does not beat"
         print(f"instance {row['instance']}: L/p = {lpf:.5f} +- {err:.5f}, naive {naive:.5f}: {verdict} the naive model")
     print(f"results: {results}")

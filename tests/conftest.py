@@ -58,7 +58,7 @@ def hand_made_batch():
     (0.25); one padding entry (row B = 3)."""
     import torch
 
-    from cis_lightning.task import SparseInput
+    from cis_lightning.core.task import SparseInput
 
     return SparseInput(
         row=torch.tensor([[0, 0, 2, 3]]),

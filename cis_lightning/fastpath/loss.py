@@ -1,6 +1,6 @@
 """The fast loss: a one-layer model on a sparse batch as one autograd node, backward written out.
 
-tests/test_backends.py proves it equal to the reference backend in losses and gradients for every
+tests/fastpath/test_backends.py proves it equal to the reference backend in losses and gradients for every
 model and option this path takes.
 
 For h = ReLU(A x) and the readout y_hat = W h (no biases), against labels y = ReLU(x) + R x, the
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from cis_lightning import fastpath
+from cis_lightning.core.models import MLP, CCModel, ResidualMLP
+from cis_lightning.core.task import SparseInput, Task
 from cis_lightning.fastpath import kernels
-from cis_lightning.models import MLP, CCModel, ResidualMLP
-from cis_lightning.task import SparseInput, Task
 
 
 def one_layer_form(model: CCModel, task: Task) -> tuple[Tensor, Tensor, Tensor | None] | None:

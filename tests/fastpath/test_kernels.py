@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from cis_lightning import fastpath
+from cis_lightning.core.mixing import Mixing
+from cis_lightning.core.models import MLP, ResidualMLP
+from cis_lightning.core.task import Instance, SparseInput, Task
 from cis_lightning.fastpath import kernels, loss
-from cis_lightning.mixing import Mixing
-from cis_lightning.models import MLP, ResidualMLP
-from cis_lightning.task import Instance, SparseInput, Task
 
 pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
 

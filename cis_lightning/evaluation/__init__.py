@@ -1,0 +1,456 @@
+"""Loss per feature, L / p, with its standard error, and the naive reference.
+
+L is the mean squared error over features and samples. Dividing by p compares sparsities: the
+naive model (d_mlp features get a neuron each, the rest output 0) has L / p = (n - d_mlp) / n / 6 at
+every p, because an unrepresented active feature costs E[ReLU(x)^2] = 1/6 for x ~ U[-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from cis_lightning.core.errors import require
+from cis_lightning.core.loss import per_sample_loss
+from cis_lightning.core.models import CCModel
+from cis_lightning.core.task import Stream, Task, samples_for, select_instances
+from cis_lightning.evaluation.readout import ReadoutForm, active_entries_of, readout_form
+
+
+def naive_loss_per_feature(n_features: int, n_neurons: int) -> float:
+    """(n - d_mlp) / n / 6: L / p of the naive model (0 once every feature has a neuron)."""
+    return max(n_features - n_neurons, 0) / n_features / 6
+
+
+def evaluation_probability(task: Task) -> list[float]:
+    """The p that L is divided by: p_k, or 1/n for exactly-one-active data (one active feature per sample)."""
+    if task.exactly_one_active:
+        return [1 / task.n_features] * task.n_instances
+    return [i.feature_probability for i in task.instances]
+
+
+class LossPerFeature(Metric):
+    """L / p per instance with its standard error, from running sums of per-sample losses.
+
+    A torchmetrics Metric, so that ranks that evaluated different samples sum their states.
+    update((K, B) per-sample losses) never syncs with the host; compute() returns a (2, K) tensor,
+    L/p and its standard error (stacked, so torchmetrics does not squeeze K = 1 to a scalar).
+    """
+
+    full_state_update = False
+
+    def __init__(self, feature_probability: list[float]):
+        super().__init__()
+        k = len(feature_probability)
+        self.register_buffer("p", torch.tensor(feature_probability, dtype=torch.float64), persistent=False)
+        for name in ("total", "total_sq"):
+            self.add_state(name, default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, losses: Tensor) -> None:
+        losses = losses.double()
+        self.total += losses.sum(dim=1)
+        self.total_sq += losses.pow(2).sum(dim=1)
+        self.count += losses.shape[1]
+
+    def compute(self) -> Tensor:
+        return torch.stack(loss_per_feature(self.total, self.total_sq, self.count, self.p))
+
+
+def loss_per_feature(total: Tensor, total_sq: Tensor, count: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    """(L / p, its standard error) from sums of per-sample losses; all (K,), count a scalar."""
+    mean = total / count
+    variance = (total_sq / count - mean.pow(2)).clamp_min(0) * count / (count - 1).clamp_min(1)
+    stderr = (variance / count).sqrt()
+    p = p.to(total)
+    return mean / p, stderr / p
+
+
+@dataclasses.dataclass
+class Evaluation:
+    loss_per_feature: Tensor  # (K,)
+    stderr: Tensor  # (K,)
+    n_samples: int
+
+
+# Strata (numbers of active features) whose probability, given a non-empty sample, is below this
+# are left out of the stratified estimate: their share of L is below 1e-12 times their mean loss.
+_NEGLIGIBLE_STRATUM = 1e-12
+
+
+@torch.no_grad()
+def single_feature_loss(model: CCModel, task: Task) -> Tensor:
+    """E[loss | exactly one active feature] (K,), exact for a positively homogeneous model.
+
+    A bias-free ReLU network and the labels ReLU(x) + M x (+ x) satisfy f(a x) = a f(x) for a >= 0,
+    so loss(u e_i) = u^2 loss(sign(u) e_i); with u uniform on [-1, 1], E[u^2 | u > 0] = 1/3 and
+    each sign has probability 1/2:  E = sum_i (loss(e_i) + loss(-e_i)) / (6 n), from 2n forward passes.
+    """
+    name = type(model).__name__
+    require(model.homogeneous, "model", f"{name} has biases: its single-feature loss has no closed form")
+    n = task.n_features
+    eye = torch.eye(n, device=task.mixing.device, dtype=task.mixing.dtype)
+    x = torch.cat([eye, -eye]).expand(task.n_instances, 2 * n, n)
+    return per_sample_loss(model, task, x).double().sum(dim=1) / (6 * n)
+
+
+def loss_per_feature_limit(model: CCModel, task: Task) -> Tensor:
+    """lim_{p -> 0} L / p (K,) = n E[loss | one active], exact for a homogeneous model.
+
+    Also L / p of exactly-one-active data (p = 1/n there).
+    """
+    return task.n_features * single_feature_loss(model, task)
+
+
+def active_count_probability(task: Task, feature_probability: list[float]) -> Tensor:
+    """P(k features active) (K, n + 1): Binomial(n, p_k), or all mass on k = 1 for exactly-one-active data."""
+    n = task.n_features
+    if task.exactly_one_active:
+        return torch.zeros(task.n_instances, n + 1, dtype=torch.float64).index_fill_(1, torch.tensor([1]), 1.0)
+    p = torch.tensor(feature_probability, dtype=torch.float64)[:, None]
+    k = torch.arange(n + 1, dtype=torch.float64)
+    log_choose = torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    # xlogy / xlog1py give 0 log 0 = 0, so p = 1 puts all mass on k = n (0 * log(0) would be NaN).
+    return torch.exp(log_choose + torch.xlogy(k, p) + torch.special.xlog1py(n - k, -p))
+
+
+@torch.no_grad()
+def evaluate(
+    model: CCModel,
+    task: Task,
+    n_nonempty: int = 1_000_000,
+    batch_size: int = 65536,
+    stream: Stream = Stream.TEST,
+    feature_probability: list[float] | None = None,
+    method: str = "stratified",
+    allocation: str = "proportional",
+    pilot_samples: int = 2048,
+) -> Evaluation:
+    """L / p of every instance, with its standard error, from about `n_nonempty` non-empty samples.
+
+    method "dense" is the paper's protocol: dense batches of the input distribution, empty samples
+    included. "stratified" (default) estimates the same L as sum_k P(k active) E[loss | k active]:
+    the empty sample's loss is one forward pass, a homogeneous model's one-active term is exact
+    (`single_feature_loss`), and every other stratum gets the samples that `n_nonempty` non-empty
+    samples of the input distribution would hold on average (proportional allocation; at least 2).
+    So the estimate is at least as precise as the dense one from `n_nonempty` non-empty samples
+    (stratifying removes the between-strata variance, and exact strata have none), while it draws
+    only the non-exact part: at p = 0.001, n = 100, 95% of non-empty samples have one active feature
+    and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model
+    with biases has only the empty sample exact and samples every other stratum.
+    `feature_probability` (K floats) evaluates at other p than the trained ones.
+    allocation "variance" spends the samples by each stratum's spread instead (`neyman_counts`, from
+    a pilot of at most `pilot_samples` per stratum): the dense protocol's precision at `n_nonempty`
+    non-empty samples, from fewer samples. "proportional" (default) is the plan of `cis test`'s loop.
+    """
+    require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
+    ps = evaluation_probability(task) if feature_probability is None else list(feature_probability)
+    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
+    if method == "stratified":
+        exact = exact_strata(model)
+        plan = plan_strata(task, ps, n_nonempty, batch_size, exact)
+        if allocation == "variance":
+            moments = plan_pilot(model, task, [plan], pilot_samples, exact_losses(model, task, exact), stream)
+            plan = plan_strata(task, ps, n_nonempty, batch_size, exact, moments)
+        return evaluate_plan(model, task, plan, stream)
+    n_batches = math.ceil(samples_for(n_nonempty, task, ps) / batch_size)
+    metric = LossPerFeature(ps).to(task.mixing.device)
+    for step in range(n_batches):
+        x = task.sample(batch_size, step, stream, feature_probability=feature_probability)
+        metric.update(per_sample_loss(model, task, x))
+    lpf, err = metric.compute()
+    return Evaluation(lpf.cpu(), err.cpu(), n_batches * batch_size)
+
+
+@torch.no_grad()
+def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream = Stream.TEST) -> Evaluation:
+    """L / p and its standard error from the strata of `plan` (`plan_strata`)."""
+    metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
+    form = readout_form(model, task)
+    for k, step, size in plan.batches:
+        instances = plan.instances[k]
+        metric.update(k, draw_stratum_losses(model, task, form, k, size, step, stream, instances), instances)
+    lpf, err = metric.compute()
+    return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
+
+
+_ALLOCATIONS = ("proportional", "variance")
+
+
+def plan_pilot(
+    model: CCModel, task: Task, plans: Sequence[StrataPlan], pilot_samples: int, exact_values: Tensor, stream: Stream
+) -> tuple[Tensor, Tensor]:
+    """`pilot_moments` of every stratum that some proportional plan of `plans` samples, from at most
+    `pilot_samples` samples each (fewer where the proportional plan draws fewer: then the pilot costs
+    no more than the stratum would)."""
+    wanted: dict[int, int] = {}
+    for plan in plans:
+        per_stratum: dict[int, int] = {}
+        for k, _, size in plan.batches:
+            per_stratum[k] = per_stratum.get(k, 0) + size
+        for k, count in per_stratum.items():
+            wanted[k] = max(wanted.get(k, 0), count)
+    strata = sorted(wanted)
+    sizes = [min(pilot_samples, wanted[k]) for k in strata]
+    return pilot_moments(model, task, strata, sizes, plans[0].exact, exact_values, stream)
+
+
+@torch.no_grad()
+def evaluate_at(
+    model: CCModel,
+    task: Task,
+    feature_probabilities: Sequence[float],
+    n_nonempty: int = 1_000_000,
+    batch_size: int = 65536,
+    stream: Stream = Stream.TEST,
+    allocation: str = "variance",
+    pilot_samples: int = 2048,
+) -> list[Evaluation]:
+    """L / p of every instance at each p of `feature_probabilities` (one p for all K instances at a
+    time): `evaluate(..., feature_probability=[q] * K)` for every q, from one set of stratum draws.
+
+    A stratum (k active features) has the same conditional distribution at every p; only its weight
+    P(k | p) changes. So the p share their samples: stratum k gets the most samples any p's own plan
+    (`plan_strata`) gives it, drawn once for all instances (`Task.sample_active`), and each p weighs
+    the stratum means with its own probabilities. Every p's estimate is at least as precise as its own
+    `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
+    """
+    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
+    k_instances, exact = task.n_instances, exact_strata(model)
+    ps = [[q] * k_instances for q in feature_probabilities]
+    plans = [plan_strata(task, p, n_nonempty, batch_size, exact) for p in ps]
+    exact_values = exact_losses(model, task, exact)
+    if allocation == "variance":
+        moments = plan_pilot(model, task, plans, pilot_samples, exact_values, stream)
+        plans = [plan_strata(task, p, n_nonempty, batch_size, exact, moments) for p in ps]
+    counts: dict[int, int] = {}
+    for plan in plans:
+        per_stratum: dict[int, int] = {}
+        for k, _, size in plan.batches:
+            per_stratum[k] = per_stratum.get(k, 0) + size
+        for k, count in per_stratum.items():
+            counts[k] = max(counts.get(k, 0), count)
+    metrics = [StratifiedLossPerFeature(plan, exact_values).to(task.mixing.device) for plan in plans]
+    form = readout_form(model, task)
+    for k, count in sorted(counts.items()):
+        for step, start in enumerate(range(0, count, batch_size)):
+            losses = draw_stratum_losses(model, task, form, k, min(batch_size, count - start), step, stream)
+            for plan, metric in zip(plans, metrics, strict=True):
+                if k in plan.sampled:  # every p whose plan samples stratum k takes the shared batch
+                    metric.update(k, losses)
+    results = []
+    for plan, metric in zip(plans, metrics, strict=True):
+        lpf, err = metric.compute()
+        results.append(Evaluation(lpf.cpu(), err.cpu(), sum(counts[k] for k in plan.sampled)))
+    return results
+
+
+def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, ...] | None) -> Tensor:
+    """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None).
+
+    x (K', B, n) is `Task.sample_active`'s draw, one (B, n) batch shared by the instances: a sparse
+    one goes through the network's `ReadoutForm` on its active entries, as `evaluate` does."""
+    form = readout_form(model, task)
+    shared = x.shape[0] == 1 or x.stride(0) == 0
+    if form is not None and shared and x.shape[1] > 0:
+        active = x[0] != 0
+        if task.sparse_stratum(int(active.sum(dim=1).max())):
+            return form.select(instances).losses(*active_entries_of(x[0], active))
+    if instances is not None:
+        model, task = select_instances(model, instances), select_instances(task, instances)
+    return per_sample_loss(model, task, x)
+
+
+def draw_stratum_losses(
+    model: CCModel,
+    task: Task,
+    form: ReadoutForm | None,
+    k: int,
+    size: int,
+    step: int,
+    stream: Stream,
+    instances: tuple[int, ...] | None = None,
+) -> Tensor:
+    """stratum_losses of the stratum batch (k, step, size): the same numbers, but a sparse stratum
+    of a network with a `ReadoutForm` (`form`, made once per evaluation) is drawn as its active
+    entries only (`Task.active_entries`), never as a dense batch."""
+    if form is not None and task.sparse_stratum(k):
+        return form.select(instances).losses(*task.active_entries(k, size, step, stream))
+    return stratum_losses(model, task, task.sample_active(k, size, step, stream, instances), instances)
+
+
+def exact_strata(model: CCModel) -> tuple[int, ...]:
+    """Numbers of active features whose conditional loss is computed, not sampled: the empty sample,
+    and the single-feature one for a homogeneous model (`single_feature_loss`)."""
+    return (0, 1) if model.homogeneous else (0,)
+
+
+@torch.no_grad()
+def exact_losses(model: CCModel, task: Task, strata: Sequence[int]) -> Tensor:
+    """E[loss | k active] (len(strata), K) for the exact strata k, in float64."""
+    zero = torch.zeros(task.n_instances, 1, task.n_features, device=task.mixing.device, dtype=task.mixing.dtype)
+    rows = {0: lambda: per_sample_loss(model, task, zero).double()[:, 0], 1: lambda: single_feature_loss(model, task)}
+    return torch.stack([rows[k]() for k in strata])
+
+
+@dataclasses.dataclass
+class StrataPlan:
+    """How a stratified evaluation spends its samples.
+
+    probability (K, n + 1): P(k active | p) per instance; `exact`: strata computed, not sampled;
+    `sampled`: strata sampled, those with a share of at least 1e-12 of the non-empty samples of some
+    instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k = n_nonempty P(k) /
+    P(non-empty) samples for stratum k (the largest over instances), at least 2. `instances[k]`:
+    the instances that sample stratum k (those for which it is not negligible), None for all: a run
+    of p from 0.001 to 1 draws each stratum for the few instances it matters to, not for all K.
+    """
+
+    probability: Tensor
+    feature_probability: list[float]
+    exact: tuple[int, ...]
+    sampled: list[int]
+    batches: list[tuple[int, int, int]]
+    instances: dict[int, tuple[int, ...] | None]
+
+    @property
+    def n_samples(self) -> int:
+        return sum(size for _, _, size in self.batches)
+
+
+def plan_strata(
+    task: Task,
+    feature_probability: list[float],
+    n_nonempty: int,
+    batch_size: int,
+    exact: Sequence[int],
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> StrataPlan:
+    """The strata and batches of a stratified evaluation at the precision of `n_nonempty` non-empty samples.
+
+    Without `moments`: proportional allocation, N_k = n_nonempty P(k) / P(non-empty). With `moments`
+    (mean, variance), each (K, n + 1), the loss's mean and variance per instance and stratum (exact
+    strata: their exact mean and variance 0; `pilot_moments`): variance (Neyman) allocation at the
+    precision the dense protocol has with `n_nonempty` non-empty samples (`neyman_counts`).
+    """
+    probability = active_count_probability(task, feature_probability)  # (K, n + 1)
+    nonempty = probability[:, 1:].sum(dim=1, keepdim=True)
+    needs = probability / nonempty >= _NEGLIGIBLE_STRATUM  # (K, n + 1): instance k samples stratum s
+    sampled = [k for k in range(1, task.n_features + 1) if k not in exact and needs[:, k].any()]
+    instances = {k: None if needs[:, k].all() else tuple(needs[:, k].nonzero().flatten().tolist()) for k in sampled}
+    batches = []
+    if sampled:
+        if moments is None:
+            share = (probability[:, sampled] / nonempty).amax(dim=0)  # of the non-empty samples
+            counts = (n_nonempty * share).tolist()
+        else:
+            needed = neyman_counts(probability, nonempty[:, 0], n_nonempty, *moments, sampled)  # (K, S)
+            counts = torch.where(needs[:, sampled], needed, 0).amax(dim=0).tolist()
+        for k, wanted in zip(sampled, counts, strict=True):
+            count = max(2, math.ceil(wanted))
+            batches += [
+                (k, step, min(batch_size, count - start)) for step, start in enumerate(range(0, count, batch_size))
+            ]
+    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches, instances)
+
+
+def neyman_counts(
+    probability: Tensor, nonempty: Tensor, n_nonempty: int, mean: Tensor, variance: Tensor, sampled: list[int]
+) -> Tensor:
+    """Samples per instance and sampled stratum (K, S) for a standard error no larger than the dense
+    protocol's with `n_nonempty` non-empty samples, allocated by variance (Neyman 1934).
+
+    The dense estimate from N_d = n_nonempty / P(non-empty) samples has variance V / N_d, with
+    V = sum_k P_k (s_k^2 + (m_k - L)^2) the loss's variance (within and between strata; exact strata
+    included). Stratified, sum_k P_k^2 s_k^2 / N_k is smallest for a given total when N_k is
+    proportional to P_k s_k; the total that meets V / N_d is (sum_k P_k s_k)^2 N_d / V, so
+    N_k = P_k s_k (sum_j P_j s_j) N_d / V. A stratum with a small share P_k s_k of the spread gets
+    few samples (at least 2, `plan_strata`), however likely it is.
+    probability (K, n + 1), nonempty (K,), mean and variance (K, n + 1).
+    """
+    mean, deviation = mean.double(), variance.double().clamp_min(0).sqrt()
+    total = (probability * mean).sum(dim=1, keepdim=True)
+    spread = (probability * (deviation.pow(2) + (mean - total).pow(2))).sum(dim=1)  # V (K,)
+    dense_samples = n_nonempty / nonempty
+    weight = probability[:, sampled] * deviation[:, sampled]  # P_k s_k (K, S)
+    scale = weight.sum(dim=1) * dense_samples / spread.clamp_min(torch.finfo(torch.float64).tiny)
+    return weight * scale[:, None]
+
+
+# Pilot draws use steps from here on, which a plan never reaches: the pilot's samples only set the
+# allocation, and the estimate is made from other samples (so the allocation cannot bias it).
+_PILOT_STEP = 2**31
+
+
+@torch.no_grad()
+def pilot_moments(
+    model: CCModel,
+    task: Task,
+    strata: Sequence[int],
+    sizes: Sequence[int],
+    exact: Sequence[int],
+    exact_values: Tensor,
+    stream: Stream = Stream.TEST,
+) -> tuple[Tensor, Tensor]:
+    """(mean, variance) (K, n + 1) of every instance's loss per stratum, for `neyman_counts`: the
+    sampled `strata` from one pilot batch each of `sizes` samples (drawn for all instances at once),
+    the `exact` ones from their exact values (variance 0); strata in neither are 0."""
+    k_instances, n = task.n_instances, task.n_features
+    mean = torch.zeros(k_instances, n + 1, dtype=torch.float64)
+    variance = torch.zeros(k_instances, n + 1, dtype=torch.float64)
+    mean[:, list(exact)] = exact_values.T.double().cpu()
+    form = readout_form(model, task)
+    for k, size in zip(strata, sizes, strict=True):
+        losses = draw_stratum_losses(model, task, form, k, max(2, size), _PILOT_STEP, stream).double().cpu()
+        mean[:, k], variance[:, k] = losses.mean(dim=1), losses.var(dim=1)
+    return mean, variance
+
+
+class StratifiedLossPerFeature(Metric):
+    """L / p per instance with its standard error from a stratified evaluation (`plan_strata`).
+
+    L = sum_k P(k) m_k over the exact strata (their m_k given) and the sampled ones (m_k the mean of
+    the stratum's samples); variance sum_k P(k)^2 s_k^2 / N_k over the sampled strata. The running
+    sums are torchmetrics states, so ranks that drew different batches of the plan add them up.
+    update(k, (K', B) losses, instances) never syncs with the host (instances: the plan's for k, None
+    for all K); compute() returns (2, K): L / p and stderr.
+    """
+
+    full_state_update = False
+
+    def __init__(self, plan: StrataPlan, exact: Tensor):
+        super().__init__()
+        k, s = plan.probability.shape[0], len(plan.sampled)
+        self._row = {stratum: i for i, stratum in enumerate(plan.sampled)}
+        probability = plan.probability.to(torch.float64)
+        exact_part = (probability[:, list(plan.exact)].T * exact.to(probability)).sum(dim=0)  # (K,)
+        self.register_buffer("exact_part", exact_part, persistent=False)
+        self.register_buffer("weight", probability[:, plan.sampled].T.contiguous(), persistent=False)  # (S, K)
+        self.register_buffer("p", torch.tensor(plan.feature_probability, dtype=torch.float64), persistent=False)
+        for name in ("total", "total_sq"):
+            self.add_state(name, default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(s, k, dtype=torch.float64), dist_reduce_fx="sum")
+        if not plan.sampled:  # every stratum exact: an empty update, so that compute() does not warn
+            self.update(None)
+
+    def update(self, stratum: int | None, losses: Tensor | None = None, instances: Sequence[int] | None = None) -> None:
+        """Add a batch of `stratum`'s (K', B) losses; stratum None adds nothing."""
+        if stratum is None:
+            return
+        i, losses = self._row[stratum], losses.double()
+        columns = slice(None) if instances is None else list(instances)
+        self.total[i, columns] += losses.sum(dim=1)
+        self.total_sq[i, columns] += losses.pow(2).sum(dim=1)
+        self.count[i, columns] += losses.shape[1]
+
+    def compute(self) -> Tensor:
+        count = self.count.clamp_min(1)
+        mean = self.total / count
+        variance = (self.total_sq / count - mean.pow(2)).clamp_min(0) * count / (count - 1).clamp_min(1)
+        total = self.exact_part + (self.weight * mean).sum(dim=0)
+        stderr = (self.weight.pow(2) * variance / count).sum(dim=0).sqrt()
+        return torch.stack([total / self.p, stderr / self.p])
