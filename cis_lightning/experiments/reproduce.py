@@ -36,27 +36,30 @@ FITS = {"semi_nmf": 1, "transplant": 2}
 
 class Progress(pl.Callback):
     """Prints `reproduce [i/n] NAME, fit j of m: step s/S (x%), t min so far, about r min left` every
-    `every` seconds of a fit (and a line when a test starts); the estimate is the fit's mean time per
-    step so far times the steps left."""
+    `every` seconds of a fit (and a line when a test starts). The estimate is the time per step since
+    the previous line times the steps left: a run whose steps get cheaper (the dense instances of a
+    mixed-p run stop early) is not judged by its slow start."""
 
     def __init__(self, label: str, fits: int, every: float = PROGRESS_EVERY):
         self.label, self.fits, self.every = label, fits, every
         self.fit = 0
         self.start = self.last = 0.0
+        self.last_step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit += 1
         self.start = self.last = time.perf_counter()
+        self.last_step = trainer.global_step
         self._print(f"fit {self.fit} of {self.fits}: {trainer.max_steps:,} steps")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if now - self.last < self.every:
             return
-        self.last = now
         step, total = trainer.global_step, trainer.max_steps
         elapsed = now - self.start
-        left = elapsed / max(step, 1) * (total - step)
+        left = (now - self.last) / max(step - self.last_step, 1) * (total - step)
+        self.last, self.last_step = now, step
         self._print(
             f"fit {self.fit} of {self.fits}: step {step:,}/{total:,} ({step / total:.0%}), "
             f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left"

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from cis_lightning.core import models
-from cis_lightning.runs.config_files import load_config_file
 from cis_lightning.core.errors import ConfigError, require
-from cis_lightning.runs.loading import read_checkpoint
-from cis_lightning.runs.results import RESULTS, RESULTS_BY_P, read_results
 from cis_lightning.core.mixing import Mixing
 from cis_lightning.core.models import CCModel
 from cis_lightning.core.task import Instance, Task, expand_grid
+from cis_lightning.runs.config_files import load_config_file
+from cis_lightning.runs.loading import read_checkpoint
+from cis_lightning.runs.results import RESULTS, RESULTS_BY_P, read_results
 
 __all__ = ["Run", "load_run", "read_run"]
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cis_lightning.runs.results import write_results
 
 from cis_lightning.cli import main
 from cis_lightning.evaluation import naive_loss_per_feature
@@ -20,6 +19,7 @@ from cis_lightning.experiments.report import (
 )
 from cis_lightning.experiments.reproduce import record_timing
 from cis_lightning.lightning.cli import run
+from cis_lightning.runs.results import write_results
 
 from ..conftest import REPO, tiny_args
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cis_lightning.runs.results import RESULT_COLUMNS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cis_lightning.cli import main
 from cis_lightning.lightning.cli import run
+from cis_lightning.runs.results import RESULT_COLUMNS
 
 from ..conftest import REPO
 
