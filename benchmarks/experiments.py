@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluation import dense_evaluation  # noqa: E402  (the dense protocol of benchmarks/evaluation.py)
+# benchmarks/authors.py and evaluation.py (this script's folder is on the path): the authors' loop and dense evaluation
+from authors import training_seconds
+from evaluation import dense_evaluation
 
-from cis_lightning import load_run  # noqa: E402
-from cis_lightning.core.task import nonempty_steps  # noqa: E402
+from cis_lightning import load_run
+from cis_lightning.core.task import nonempty_steps
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("sigma_sweep", "sparsity_regimes", "mixing_comparison", "offset_baseline", "rank_study")
@@ -73,45 +74,6 @@ def ours(name: str, steps: int, root: Path, threads: int) -> tuple[float, Path]:
     return time.perf_counter() - start, fit
 
 
-def authors_training_seconds(
-    p: float, batch: int, d_mlp: int, m: torch.Tensor, sigma: float, learn_sigma: bool, one_active: bool, steps: int
-) -> float:
-    """Seconds of `steps` steps of the authors' loop for one model (timed after 5 warm-up steps)."""
-    n = m.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    w_in = torch.nn.Parameter(torch.empty(n, d_mlp))
-    w_out = torch.nn.Parameter(torch.empty(d_mlp, n))
-    torch.nn.init.kaiming_uniform_(w_in)
-    torch.nn.init.kaiming_uniform_(w_out)
-    scale = torch.nn.Parameter(torch.tensor(sigma), requires_grad=learn_sigma)
-    optimizer = torch.optim.AdamW([w_in, w_out, *([scale] if learn_sigma else [])], lr=3e-3, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps + 5)
-    losses = []
-
-    def step() -> None:
-        if one_active:
-            feature = torch.randint(n, (batch,), generator=generator)
-            x = torch.zeros(batch, n)
-            x[torch.arange(batch), feature] = torch.rand(batch, generator=generator) * 2 - 1
-        else:
-            mask = torch.rand(batch, n, generator=generator) < p
-            x = (torch.rand(batch, n, generator=generator) * 2 - 1) * mask
-        y = torch.relu(x) + scale * (x @ m.T)
-        optimizer.zero_grad()
-        loss = ((torch.relu(x @ w_in) @ w_out - y) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-
-    for _ in range(5):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - start
-
-
 def authors(fit: Path, steps: int, max_timed_steps: int, max_models: int) -> tuple[float, str]:
     """Seconds the authors' scripts take for the models of our run `fit` (timed in part and scaled: the note)."""
     run = load_run(fit)
@@ -137,9 +99,9 @@ def authors(fit: Path, steps: int, max_timed_steps: int, max_models: int) -> tup
             instance = task.instances[k]
             timed = min(own_steps[k], max_timed_steps)
             scaled_steps |= timed < own_steps[k]
-            train = authors_training_seconds(
-                instance.feature_probability, batch, d_mlp, m[k], float(instance.sigma), instance.learn_sigma,
-                task.exactly_one_active, timed,
+            train = training_seconds(
+                instance.feature_probability, batch, d_mlp, m[k], timed, sigma=float(instance.sigma),
+                learn_sigma=instance.learn_sigma, one_active=task.exactly_one_active,
             ) * own_steps[k] / timed  # fmt: skip
             evaluation = 0.0
             for p in dict.fromkeys([*eval_ps, instance.feature_probability]):

@@ -1,10 +1,14 @@
-"""Shared helpers: tiny but real command lines for the `cis` CLI."""
+"""Shared helpers: tiny but real command lines for the `cis` CLI, a hand-made sparse batch, the naive model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+
+from cis_lightning.core.models import MLP
+from cis_lightning.core.task import SparseInput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +49,6 @@ def tiny(tmp_path: Path):
 def one_thread():
     """Run a test on one torch thread: on a shared 2-core machine torch's thread pool spins against other
     processes, and these tiny matmuls gain nothing from threads (measured 8x slower with 2 threads under load)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -56,10 +58,6 @@ def one_thread():
 def hand_made_batch():
     """B = 3, n = 3: sample 0 has features 0 (0.5) and 2 (-1.0), sample 1 none, sample 2 feature 2
     (0.25); one padding entry (row B = 3)."""
-    import torch
-
-    from cis_lightning.core.task import SparseInput
-
     return SparseInput(
         row=torch.tensor([[0, 0, 2, 3]]),
         feature=torch.tensor([[0, 2, 2, 0]]),
@@ -67,3 +65,14 @@ def hand_made_batch():
         batch_size=3,
         n_features=3,
     )
+
+
+def naive_mlp(n: int, d: int):
+    """The naive model as an MLP: feature i < d gets neuron i (W_in = W_out^T = [I_d | 0]), the rest output 0."""
+    model = MLP(n_features=n, d_mlp=d)
+    with torch.no_grad():
+        model.w_in.zero_()
+        model.w_out.zero_()
+        model.w_in[0, :, :d] = torch.eye(d)
+        model.w_out[0, :d, :] = torch.eye(d)
+    return model

@@ -28,18 +28,9 @@ from cis_lightning.evaluation import (
     stratum_losses,
 )
 
+from ..conftest import naive_mlp
+
 Z = 4.5
-
-
-def _naive(n: int, d: int) -> MLP:
-    """The naive model: feature i < d gets neuron i (W_in = W_out^T = [I_d | 0]), the rest output 0."""
-    model = MLP(n_features=n, d_mlp=d)
-    with torch.no_grad():
-        model.w_in.zero_()
-        model.w_out.zero_()
-        model.w_in[0, :, :d] = torch.eye(d)
-        model.w_out[0, :d, :] = torch.eye(d)
-    return model
 
 
 def _biased(n: int, d: int, seed: int = 0) -> MLP:
@@ -54,7 +45,7 @@ def _biased(n: int, d: int, seed: int = 0) -> MLP:
 def test_the_naive_model_has_the_closed_form_loss_exactly():
     """(n - d) / n / 6 at p -> 0 and for exactly-one-active data, with no sampling error at all."""
     n, d = 100, 50
-    model = _naive(n, d)
+    model = naive_mlp(n, d)
     expected = naive_loss_per_feature(n, d)
     assert loss_per_feature_limit(model, Task([Instance()], n)).item() == pytest.approx(expected, rel=1e-6)
     one_active = evaluate(model, Task([Instance()], n, exactly_one_active=True), n_nonempty=1000)
@@ -67,7 +58,7 @@ def test_the_naive_model_is_exact_at_every_p():
     """The naive model's loss is additive over features, so L / p = (n - d) / n / 6 for every p:
     the stratified estimate must find it within its standard error."""
     n, d = 30, 10
-    model = _naive(n, d)
+    model = naive_mlp(n, d)
     for p in (0.001, 0.05, 0.5):
         result = evaluate(model, Task([Instance(feature_probability=p)], n), n_nonempty=5_000)
         lpf, err = result.loss_per_feature.item(), result.stderr.item()
@@ -201,7 +192,7 @@ def test_the_naive_model_is_exact_at_every_p_of_a_shared_evaluation():
     from cis_lightning.evaluation import evaluate_at
 
     n, d = 30, 10
-    for result in evaluate_at(_naive(n, d), Task([Instance()], n), [0.001, 0.05, 0.5], n_nonempty=5_000):
+    for result in evaluate_at(naive_mlp(n, d), Task([Instance()], n), [0.001, 0.05, 0.5], n_nonempty=5_000):
         lpf, err = result.loss_per_feature.item(), result.stderr.item()
         assert abs(lpf - naive_loss_per_feature(n, d)) < Z * err + 1e-9
 

@@ -29,6 +29,8 @@ from cis_lightning.evaluation import (
 )
 from cis_lightning.evaluation.readout import FORM_SWITCH, readout_form
 
+from ..conftest import naive_mlp
+
 Z = 4.5
 
 
@@ -156,12 +158,7 @@ def test_variance_allocation_is_unbiased_at_the_dense_precision_from_fewer_sampl
 def test_variance_allocation_keeps_the_naive_model_exact():
     """The naive loss is additive over features: L / p = (n - d) / n / 6 at every p, within stderr."""
     n, d = 30, 10
-    model = MLP(n_features=n, d_mlp=d)
-    with torch.no_grad():
-        model.w_in.zero_()
-        model.w_out.zero_()
-        model.w_in[0, :, :d] = torch.eye(d)
-        model.w_out[0, :d, :] = torch.eye(d)
+    model = naive_mlp(n, d)
     for result in evaluate_at(model, Task([Instance()], n), [0.001, 0.05, 0.5], n_nonempty=5_000):
         assert abs(result.loss_per_feature.item() - naive_loss_per_feature(n, d)) < Z * result.stderr.item() + 1e-9
 
