@@ -4,21 +4,14 @@ Training data must be reproducible from one seed, identical for any number of ra
 at any step, and independent per instance while K instances are drawn in one batched kernel.
 torch.Generator gives none of that cheaply, so we hash counters with SplitMix64
 (Steele, Lea and Flood 2014): state = key + (index + 1) * golden, output = mix(state).
-
-Every function takes int64 torch tensors or int64 numpy arrays (the same operators, the same bits):
-on a CPU the training draw runs in numpy, whose per-call cost on arrays of a few thousand numbers is
-a fraction of torch's (`Task.draw`).
 """
 
 from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from torch import Tensor
-
-Array = Tensor | np.ndarray
 
 
 def _signed(value: int) -> int:
@@ -33,15 +26,13 @@ _MUL2 = _signed(_MUL2_BITS)
 _LOW_BITS = {shift: (1 << (64 - shift)) - 1 for shift in (30, 27, 31, 11)}
 
 
-def _shift_right(z: Array, shift: int) -> Array:
+def _shift_right(z: Tensor, shift: int) -> Tensor:
     """Logical right shift of int64 (>> of a signed integer is arithmetic)."""
-    if isinstance(z, np.ndarray):  # one pass: numpy shifts uint64 logically (torch cannot shift uint64)
-        return (z.view(np.uint64) >> np.uint64(shift)).view(np.int64)
     return (z >> shift) & _LOW_BITS[shift]
 
 
-def mix64(z: Array) -> Array:
-    """SplitMix64's finaliser on int64 tensors or arrays (multiplication wraps modulo 2^64)."""
+def mix64(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
     z = (z ^ _shift_right(z, 30)) * _MUL1
     z = (z ^ _shift_right(z, 27)) * _MUL2
     return z ^ _shift_right(z, 31)
@@ -56,7 +47,7 @@ def _mix64_int(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_base(seeds: Array, stream: int) -> Array:
+def stream_base(seeds: Tensor, stream: int) -> Tensor:
     """The part of stream_key that does not depend on the step (callers may keep it)."""
     return mix64(seeds * _GOLDEN + stream)
 
@@ -66,7 +57,7 @@ def step_hash(step: int) -> int:
     return _signed(_mix64_int(step))
 
 
-def step_key(base: Array, step: int) -> Array:
+def step_key(base: Tensor, step: int) -> Tensor:
     """stream_key from stream_base: the step is hashed on the host, so this is one device pass."""
     return mix64(base ^ step_hash(step))
 
@@ -84,27 +75,25 @@ def uniform(key: Tensor, index: Tensor) -> Tensor:
     return uniform_at(key, counters(index))
 
 
-def counters(index: Array) -> Array:
+def counters(index: Tensor) -> Tensor:
     """(index + 1) * golden: the per-index part of `uniform`."""
     return (index + 1) * _GOLDEN
 
 
-def uniform_at(key: Array, index_counters: Array) -> Array:
+def uniform_at(key: Tensor, index_counters: Tensor) -> Tensor:
     """uniform(key, index) from counters(index) (key broadcasts against them)."""
     return _to_unit(mix64(key + index_counters))
 
 
 @functools.lru_cache(maxsize=16)
-def range_counters(count: int, device: torch.device | str, start: int = 0) -> Array:
-    """counters(arange(start, start + count)) on `device` ("numpy": an array), kept: the draws ask for
+def range_counters(count: int, device: torch.device | str, start: int = 0) -> Tensor:
+    """counters(arange(start, start + count)) on `device`, kept: the draws ask for
     the same range every step. A torch.compile graph gets them as an input: inductor would fold these
     64-bit products of an arange into an index expression, which overflows."""
-    if device == "numpy":
-        return counters(np.arange(start, start + count, dtype=np.int64))
     return counters(torch.arange(start, start + count, device=device))
 
 
-def _to_unit(z: Array) -> Array:
+def _to_unit(z: Tensor) -> Tensor:
     bits = _shift_right(z, 11)
-    bits = bits.astype(np.float64) if isinstance(bits, np.ndarray) else bits.to(torch.float64)
+    bits = bits.to(torch.float64)
     return (bits + 0.5) * 2.0**-53

@@ -28,8 +28,6 @@ from cis_lightning.core.mixing import Mixing, build_mixing
 
 # Inputs with p above this are drawn densely; below it, only the active entries are drawn.
 _DENSE_ABOVE = 0.2
-# A CPU draws sparse batches of at most this many uniform numbers in numpy, larger ones in torch.
-_HOST_DRAW_MAX = 2**15
 
 
 def _sparse_at(ps: Sequence[float]) -> bool:
@@ -313,19 +311,15 @@ class Task(nn.Module):
         return self._probabilities[ps, device]
 
     def _key(self, stream: int, step: int) -> Tensor:
-        """rng.stream_key(seeds, stream, step) (K,).
+        """rng.stream_key(seeds, stream, step) (K,)."""
+        return rng.step_key(self._stream_base(stream), step)
 
-        On a CPU the hash runs in numpy (a dozen operations on K numbers: microseconds, not tens)."""
-        key = rng.step_key(self._stream_base(stream), step)
-        return torch.from_numpy(key) if isinstance(key, np.ndarray) else key
-
-    def _stream_base(self, stream: int) -> Tensor | np.ndarray:
-        """rng.stream_base(seeds, stream) (K,), a numpy array on a CPU; kept for the seeds tensor."""
+    def _stream_base(self, stream: int) -> Tensor:
+        """rng.stream_base(seeds, stream) (K,), kept for the seeds tensor."""
         seeds = self.seeds
         cached = self._stream_bases.get(stream)
         if cached is None or cached[0] is not seeds:
-            base = rng.stream_base(seeds, stream)
-            cached = (seeds, base.numpy() if base.device.type == "cpu" else base)
+            cached = (seeds, rng.stream_base(seeds, stream))
             self._stream_bases[stream] = cached
         return cached[1]
 
@@ -404,26 +398,16 @@ class Task(nn.Module):
         p_max: float,
         compiled: bool = False,
     ) -> SparseInput:
-        """Draw only the active entries (`_active_entries`); a small CPU draw in numpy, others in torch,
-        compiled or not: the same bits every way."""
+        """Draw only the active entries (`_active_entries`), compiled or not: the same bits either way."""
         n = self.n_features
         mean = batch_size * n * p_max
         # Enough gaps to cover the batch except with probability < 1e-20 (10 standard deviations).
         count = math.ceil(mean + 10 * math.sqrt(mean) + 10)
-        log1m_p = self._log1m(p)
-        # numpy's per-call cost on a few thousand numbers is a fraction of torch's; on large draws
-        # torch's threads win. Compiled, the ~35 operations on (K, 2 count) numbers become a few fused passes.
-        sizes = (batch_size * n, count, n, local, rank)
-        if p.device.type == "cpu" and self.n_instances * 2 * count <= _HOST_DRAW_MAX:
-            uniforms = rng.range_counters(2 * count, "numpy")
-            key = self._key(stream, step)[:, None].numpy()
-            with np.errstate(divide="ignore"):  # p = 0: log(u) / log(1) is an infinite gap, as wanted
-                entries = _active_entries(key, log1m_p.numpy(), uniforms, *sizes)
-            row, feature, value = (torch.from_numpy(a) for a in entries)
-        else:
-            key = self._key(stream, step)[:, None]
-            draw = _compiled_active_entries if compiled else _active_entries
-            row, feature, value = draw(key, log1m_p, rng.range_counters(2 * count, key.device), *sizes)
+        key = self._key(stream, step)[:, None]
+        draw = _compiled_active_entries if compiled else _active_entries
+        row, feature, value = draw(
+            key, self._log1m(p), rng.range_counters(2 * count, key.device), batch_size * n, count, n, local, rank
+        )
         return SparseInput(row=row, feature=feature, value=value, batch_size=local, n_features=n)
 
     def _one_active(self, key: Tensor, first_row: int, local: int) -> SparseInput:
@@ -500,30 +484,22 @@ def _active_entries(key, log1m_p, uniforms, total: int, count: int, n: int, loca
     """(row, feature, value), each (K, count), of this rank's active entries of a global batch of
     `total` = B n entries: the gaps between active entries in the flattened batch are geometric.
 
-    key (K, 1) int64 and log1m_p = log(1 - p) (K,) float64, both torch tensors or both numpy arrays
-    (then so are the results: the same operations give the same bits). Entries of other ranks, or
-    past the batch, go to a spare row `local` with value 0. p = 0 (a frozen instance,
+    key (K, 1) int64 and log1m_p = log(1 - p) (K,) float64. Entries of other ranks, or past the
+    batch, go to a spare row `local` with value 0. p = 0 (a frozen instance,
     `CCDataModule.on_after_batch_transfer`): infinite gaps, no entries. uniforms:
     `rng.range_counters(2 count)`, the counters of the gaps' and values' uniforms.
     """
-    xp = np if isinstance(key, np.ndarray) else torch
     u = rng.uniform_at(key, uniforms)  # (K, 2 count): the gaps, then the values
-    gaps = xp.clip(xp.floor(xp.log(u[:, :count]) / log1m_p[:, None]), None, total)
-    gaps = gaps.astype(np.int64) if xp is np else gaps.long()
-    position = xp.cumsum(gaps + 1, 1) - 1  # global entry ids of the active entries
-    values = 2 * u[:, count:] - 1
-    values = values.astype(np.float32) if xp is np else values.float()
+    gaps = torch.clamp(torch.floor(torch.log(u[:, :count]) / log1m_p[:, None]), max=total).long()
+    position = torch.cumsum(gaps + 1, 1) - 1  # global entry ids of the active entries
+    values = (2 * u[:, count:] - 1).float()
     row = position // n - rank * local
     inside = (row >= 0) & (row < local)
-    row, feature = xp.where(inside, row, local), xp.where(inside, position % n, 0)
-    values = xp.where(inside, values, values.dtype.type(0) if xp is np else 0.0)
+    row, feature = torch.where(inside, row, local), torch.where(inside, position % n, 0)
+    values = torch.where(inside, values, 0.0)
     if rank > 0:  # the entries of lower ranks come first: move them to the end (rows stay sorted)
-        if xp is np:
-            order = np.argsort(row, axis=1, kind="stable")
-            row, feature, values = (np.take_along_axis(a, order, 1) for a in (row, feature, values))
-        else:
-            order = torch.argsort(row, dim=1, stable=True)
-            row, feature, values = row.gather(1, order), feature.gather(1, order), values.gather(1, order)
+        order = torch.argsort(row, dim=1, stable=True)
+        row, feature, values = row.gather(1, order), feature.gather(1, order), values.gather(1, order)
     return row, feature, values
 
 

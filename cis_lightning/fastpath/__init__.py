@@ -10,17 +10,6 @@ own `forward`) in charge everywhere.
   the environment turns it off); the numpy form gives the same arrays bit for bit.
 """
 
-# Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
-# reads their count, which on a GPU would be a sync) and groups the entries with numpy or numba.
-# `loss` reads it from here at every call, so that one assignment switches it.
-HOST_PATH_ON = ("cpu",)
+from cis_lightning.fastpath.loss import mean_loss, one_layer_form, one_layer_loss
 
-from cis_lightning.fastpath.loss import (  # noqa: E402 (HOST_PATH_ON first: loss reads it from here)
-    _Entries,
-    drop_empty_rows,
-    mean_loss,
-    one_layer_form,
-    one_layer_loss,
-)
-
-__all__ = ["HOST_PATH_ON", "_Entries", "drop_empty_rows", "mean_loss", "one_layer_form", "one_layer_loss"]
+__all__ = ["mean_loss", "one_layer_form", "one_layer_loss"]

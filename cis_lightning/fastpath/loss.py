@@ -37,10 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cis_lightning import fastpath
 from cis_lightning.core.models import MLP, CCModel, ResidualMLP
 from cis_lightning.core.task import SparseInput, Task
 from cis_lightning.fastpath import kernels
+
+# Device types where `one_layer_loss` prepares its entries on the host: it drops empty samples (it
+# reads their count, which on a GPU would be a sync) and groups the entries with numba or numpy.
+HOST_PATH_ON = ("cpu",)
 
 
 def one_layer_form(model: CCModel, task: Task) -> tuple[Tensor, Tensor, Tensor | None] | None:
@@ -90,7 +93,7 @@ def _entries(x: SparseInput, k: int, dtype: torch.dtype, mean: bool) -> tuple[_E
     """The entries of x grouped for `_OneLayerLoss` (K instances, values in dtype), and where each of
     their rows came from (None: the rows are x's own, or `mean` needs no sources)."""
     # Not under torch.compile either: a new row count every step would recompile every step.
-    if x.row.device.type not in fastpath.HOST_PATH_ON or torch.compiler.is_compiling():
+    if x.row.device.type not in HOST_PATH_ON or torch.compiler.is_compiling():
         return _Entries.on_device(x, k, dtype), None
     # A mean puts nothing back in place, and merges single-feature samples (`drop_empty_rows`).
     if kernels.ENABLED and x.value.dtype == dtype:

@@ -102,8 +102,7 @@ class CCDataModule(pl.LightningDataModule):
     `compile`: draw the training batches through torch.compile: the same bits from a few fused
     passes instead of 20 to 35 operations over every number drawn, after a few seconds of compiling
     (where compiling fails, one warning, and the draw runs uncompiled). For sweeps on a CPU, dense
-    batches (p > 0.2) and GPUs (fewer kernel launches); a sparse CPU draw small enough for numpy
-    stays in numpy. The experiments that gain set it.
+    batches (p > 0.2) and GPUs (fewer kernel launches). The experiments that gain set it.
     """
 
     def __init__(

@@ -23,6 +23,7 @@ from cis_lightning.core.loss import mean_loss, per_sample_loss
 from cis_lightning.core.mixing import Mixing
 from cis_lightning.core.models import MLP, ResidualMLP
 from cis_lightning.core.task import Instance, SparseInput, Task
+from cis_lightning.fastpath import loss as fastpath_loss
 from cis_lightning.lightning import module as module_module
 from cis_lightning.lightning.cli import run
 from tests.conftest import hand_made_batch, tiny_args
@@ -106,19 +107,6 @@ def test_the_training_loss_is_the_mean_of_the_per_sample_loss_in_value_and_gradi
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 3)])
-def test_the_draw_computes_the_same_bits_in_numpy_and_in_torch(rank, world_size):
-    """A CPU draws in numpy (`task._active_entries` on arrays), other devices in torch: same entries."""
-    key = torch.tensor([[123456789], [-987654321]], dtype=torch.int64)
-    log1m_p = torch.log1p(-torch.tensor([0.01, 0.05]).double())
-    args = (30 * 96, 200, 30, 96 // world_size, rank)  # total entries, entries drawn, n, local, rank
-    in_torch = task_module._active_entries(key, log1m_p, rng.range_counters(400, torch.device("cpu")), *args)
-    in_numpy = task_module._active_entries(key.numpy(), log1m_p.numpy(), rng.range_counters(400, "numpy"), *args)
-    for a, b in zip(in_torch, in_numpy, strict=True):
-        assert a.dtype == torch.from_numpy(b).dtype and torch.equal(a, torch.from_numpy(b))
-    assert (in_torch[0] < 96 // world_size).sum() > 0  # some entries fall in this rank's rows
-
-
 NETWORKS = {
     "mlp": lambda: MLP(n_features=30, d_mlp=8, seeds=[0, 1]),
     "mlp with biases": lambda: MLP(n_features=30, d_mlp=8, seeds=[0, 1], hidden_bias=True, output_bias=True),
@@ -170,9 +158,9 @@ def test_drop_empty_rows_on_a_hand_made_batch():
         batch_size=4,
         n_features=5,
     )
-    compact, rows = fastpath.drop_empty_rows(x)
-    assert fastpath.drop_empty_rows(x, sources=False)[1] is None  # what a batch mean asks for
-    assert torch.equal(fastpath.drop_empty_rows(x, sources=False)[0].row, compact.row)
+    compact, rows = fastpath_loss.drop_empty_rows(x)
+    assert fastpath_loss.drop_empty_rows(x, sources=False)[1] is None  # what a batch mean asks for
+    assert torch.equal(fastpath_loss.drop_empty_rows(x, sources=False)[0].row, compact.row)
     # The most non-empty samples of an instance is 2, rounded up to 64 but at most B = 4.
     assert compact.batch_size == 4
     assert compact.row.tolist() == [[0, 0, 1, 4], [0, 4, 4, 4]]  # padding goes to row R = 4
@@ -185,7 +173,7 @@ def test_drop_empty_rows_on_a_hand_made_batch():
         ),
     )
     wide = dataclasses.replace(x, row=torch.where(x.row == 4, 200, x.row), batch_size=200)
-    compact, rows = fastpath.drop_empty_rows(wide)
+    compact, rows = fastpath_loss.drop_empty_rows(wide)
     assert compact.batch_size == 64 and rows[:, :2].tolist() == [[0, 2], [3, 200]] and (rows[:, 2:] == 200).all()
 
 
@@ -199,7 +187,7 @@ def test_merging_single_feature_samples_on_a_hand_made_batch():
         batch_size=6,
         n_features=4,
     )
-    compact, rows = fastpath.drop_empty_rows(x, sources=False, merge_single=True)
+    compact, rows = fastpath_loss.drop_empty_rows(x, sources=False, merge_single=True)
     assert rows is None and compact.batch_size == 6  # 4 rows kept at most, rounded up to 64, at most B
     # +0.6 e_1 and +0.8 e_1 become one sample of 1.0 e_1 (0.36 + 0.64 = 1); -0.5 e_1 stays apart (its
     # sign differs), and so do sample 1 (two entries) and +0.3 e_2; -0.3 e_0 and -0.4 e_0 give -0.5 e_0.
@@ -214,7 +202,7 @@ def test_merging_single_feature_samples_on_a_hand_made_batch():
     assert compact.row.shape == x.row.shape and torch.equal(compact.feature, x.feature)
     assert (compact.row[:, 1:] >= compact.row[:, :-1]).all() and compact.row[0, -1] == 6
     with pytest.raises(ValueError, match="merge_single"):
-        fastpath.drop_empty_rows(x, sources=True, merge_single=True)
+        fastpath_loss.drop_empty_rows(x, sources=True, merge_single=True)
     # Padding columns past the fullest instance's entries, rounded up to 64, go; the batch stays.
     padding = 130
     wide = SparseInput(
@@ -224,10 +212,10 @@ def test_merging_single_feature_samples_on_a_hand_made_batch():
         batch_size=6,
         n_features=4,
     )
-    trimmed, _ = fastpath.drop_empty_rows(wide, sources=False, merge_single=True)
+    trimmed, _ = fastpath_loss.drop_empty_rows(wide, sources=False, merge_single=True)
     assert trimmed.row.shape == (2, 64) and torch.equal(trimmed.dense(), compact.dense())
     assert torch.equal(trimmed.row[:, :7], compact.row) and (trimmed.row[:, 7:] == 6).all()
-    assert fastpath.drop_empty_rows(wide, sources=False)[0].row.shape == wide.row.shape  # no merge, no trim
+    assert fastpath_loss.drop_empty_rows(wide, sources=False)[0].row.shape == wide.row.shape  # no merge, no trim
 
 
 @pytest.mark.parametrize("p", [(0.1, 0.0), (0.0, 0.0), (0.15, 0.05)])
@@ -241,7 +229,7 @@ def test_the_loss_on_the_non_empty_samples_equals_the_loss_on_all(p, monkeypatch
     params = list(model.parameters()) + [task.sigma]
     results = []
     for devices in [("cpu",), ()]:
-        monkeypatch.setattr(fastpath, "HOST_PATH_ON", devices)
+        monkeypatch.setattr(fastpath_loss, "HOST_PATH_ON", devices)
         loss = fastpath.one_layer_loss(*fastpath.one_layer_form(model, task), x)
         weights = torch.rand(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         results.append((loss, _gradients((weights * loss).sum(), params)))
@@ -265,7 +253,7 @@ def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and
     with a frozen (empty) instance and a rank's padding entries, on the CPU's host path (single-feature
     samples merged) and on the path other devices take; labels without a linear part (the clean MLP),
     with a fixed one (the residual model's I - W_E W_E^T) and with learned sigmas."""
-    monkeypatch.setattr(fastpath, "HOST_PATH_ON", () if path == "device" else ("cpu",))
+    monkeypatch.setattr(fastpath_loss, "HOST_PATH_ON", () if path == "device" else ("cpu",))
     model = _perturbed(NETWORKS[network_name]())
     task = TASKS[task_name](False).double()
     x = task.draw(300, step=4, rank=1, world_size=3, feature_probability=list(p))
@@ -281,9 +269,9 @@ def test_the_training_loss_is_the_batch_mean_of_the_per_sample_loss_in_value_and
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def _entries(x: SparseInput, k: int, on_host: bool) -> fastpath._Entries:
-    """`fastpath._Entries` of x as the CPU builds them (numpy) or as other devices do (torch)."""
-    build = fastpath._Entries.on_host if on_host else fastpath._Entries.on_device
+def _entries(x: SparseInput, k: int, on_host: bool) -> fastpath_loss._Entries:
+    """`fastpath_loss._Entries` of x as the CPU builds them (numpy) or as other devices do (torch)."""
+    build = fastpath_loss._Entries.on_host if on_host else fastpath_loss._Entries.on_device
     return build(x, k, x.value.dtype)
 
 
@@ -365,7 +353,7 @@ def _callback(cli, kind: type) -> pl.Callback:
 
 def test_training_steps_that_do_not_log_make_no_host_sync(monkeypatch, tiny):
     # The path a GPU takes: the CPU's loss drops empty samples, which reads their count on the host.
-    monkeypatch.setattr(fastpath, "HOST_PATH_ON", ())
+    monkeypatch.setattr(fastpath_loss, "HOST_PATH_ON", ())
     monkeypatch.setattr(module_module, "HOST_DEVICES", ())
     for name in SYNCING:
         original = getattr(torch.Tensor, name)
@@ -441,10 +429,9 @@ def test_a_compiled_training_step_trains_the_same_weights(tmp_path):
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
-def test_a_compiled_draw_draws_the_same_batches(monkeypatch):
+def test_a_compiled_draw_draws_the_same_batches():
     """`Task.draw(..., compiled=True)` (`--data.compile`) gives the eager draw's entries bit for bit,
-    with a frozen instance (p = 0) and a rank's share; a draw small enough for numpy stays in numpy."""
-    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)  # the torch path, as at large K or on a GPU
+    with a frozen instance (p = 0) and a rank's share."""
     task = Task([Instance(0.05, seed=0), Instance(0.1, seed=1)], 30)
     for step, p in [(0, None), (1, None), (2, [0.1, 0.0])]:
         eager = task.draw(96, step, rank=1, world_size=2, feature_probability=p)
@@ -452,11 +439,6 @@ def test_a_compiled_draw_draws_the_same_batches(monkeypatch):
         for name in ("row", "feature", "value"):
             assert torch.equal(getattr(eager, name), getattr(compiled, name)), (step, name)
         assert (compiled.row.shape[1] > 0) and (compiled.row[1] == 48).all() == (p is not None)
-    calls = []
-    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 2**15)
-    monkeypatch.setattr(task_module, "_compiled_active_entries", lambda *args: calls.append(args))
-    task.draw(96, 0, compiled=True)
-    assert calls == []
 
 
 def test_a_compiled_dense_draw_draws_the_same_batches():
@@ -491,9 +473,8 @@ def test_a_draw_whose_compiling_fails_warns_once_and_draws_uncompiled(monkeypatc
 
 
 @pytest.mark.slow  # torch.compile builds the draw's C++ kernel: about 7 s on 2 CPU cores
-def test_data_compile_trains_the_same_weights(tmp_path, monkeypatch):
+def test_data_compile_trains_the_same_weights(tmp_path):
     """`--data.compile true` trains exactly the weights of the eager draw (the same batches)."""
-    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)  # a draw this small would stay in numpy
     weights = []
     for compile in ("false", "true"):
         args = [
@@ -528,10 +509,9 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def test_a_training_step_runs_the_same_kernels_whatever_the_number_of_instances(network, backend, monkeypatch):
     """Instances are batched, never looped: draw, loss and backward of K = 16 dispatch exactly the
     operations of K = 1 (on a GPU, where a step costs launches, a sweep then costs no more launches),
-    through both loss backends. Counted on the path a GPU takes: a CPU draws small batches and groups
-    entries in numpy."""
-    monkeypatch.setattr(fastpath, "HOST_PATH_ON", ())
-    monkeypatch.setattr(task_module, "_HOST_DRAW_MAX", 0)
+    through both loss backends. Counted on the path a GPU takes: a CPU groups the fast path's entries
+    on the host."""
+    monkeypatch.setattr(fastpath_loss, "HOST_PATH_ON", ())
 
     def step_ops(k: int) -> list[str]:
         seeds = list(range(k))
