@@ -69,7 +69,8 @@ def instance_steps_per_second(
     code = "import sys, torch\n"
     if threads:
         code += f"torch.set_num_threads({threads})\n"
-    code += "from cis_lightning.lightning.cli import run\nrun(sys.argv[1:])\n"
+    # `python -m cis_lightning` is the command in every tree (its modules moved between commits).
+    code += "import runpy\nsys.argv[0] = 'cis'\nrunpy.run_module('cis_lightning', run_name='__main__')\n"
     env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{tmp}")
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp, env=env, capture_output=True, text=True)
     if done.returncode != 0:
