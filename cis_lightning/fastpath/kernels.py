@@ -1,4 +1,4 @@
-"""The host grouping of a batch's entries in one pass compiled by numba.
+"""The fast path's host kernels, compiled by numba: the grouping of a batch's entries, and the labels' norms.
 
 `group_entries` is `loss.drop_empty_rows` followed by `loss._Entries.on_host` (their numpy forms are
 the specification): it drops the empty samples, merges single-feature samples for a batch mean, and
@@ -7,8 +7,12 @@ with its own temporaries (argsort, cumsum, bincount, fancy indexing); here it is
 (K, C) arrays. The arrays are the same bit for bit (the float sums run in the same order, in float64
 as numpy's bincount does): tests/fastpath/test_kernels.py checks it on random and edge-case batches.
 
+`label_square_sums` is sum_b ||R x_b + ReLU(x_b)||^2 per instance from the pairs of entries in each
+row, which a batch mean against fixed labels R x + ReLU(x) needs (and nothing else of R x); its
+specification is the dense labels' norm, to rounding (its dot products are vectorised).
+
 numba is optional: without it, or with CIS_NUMBA=0 in the environment, `ENABLED` is False and the
-loss groups its entries with numpy. With it, the kernel is compiled at its first call and cached on
+loss groups its entries with numpy and makes R x with embedding bags. With it, the kernel is compiled at its first call and cached on
 disk (`cache=True`) for later processes.
 """
 
@@ -29,9 +33,13 @@ if os.environ.get("CIS_NUMBA", "1") != "0":  # not even imported when off (LLVM 
 ENABLED = numba is not None
 
 
-def _compiled(function):
-    """`function` compiled by numba (nopython, cached on disk), or as it is without numba."""
-    return function if numba is None else numba.njit(cache=True, nogil=True)(function)
+def _compiled(function=None, *, fastmath=False):
+    """`function` compiled by numba (nopython, cached on disk), or as it is without numba. fastmath
+    lets LLVM reorder float sums (vectorised dot products): only for a kernel whose contract is the
+    reference's values to rounding, not its bits."""
+    if function is None:
+        return lambda f: _compiled(f, fastmath=fastmath)
+    return function if numba is None else numba.njit(cache=True, nogil=True, fastmath=fastmath)(function)
 
 
 @_compiled
@@ -169,3 +177,47 @@ def _exclusive_cumsum(counts):  # pragma: no cover (numba)
         count = counts[g]
         counts[g] = total
         total += count
+
+
+@_compiled(fastmath=True)
+def label_square_sums(row_start, feature, value, rt, stride):  # pragma: no cover (numba)
+    """sum_b ||R x_b + ReLU(x_b)||^2 over each instance's rows (K,) float64, from the entries alone.
+
+    In: entries grouped by row as `loss._Entries` holds them (row_start (K stride,), feature (global
+    ids i n + f) and value by row; the last row of every instance collects the padding and is
+    skipped); rt (K, n, n) with rt[i, f] = column f of R_i, contiguous.
+
+    Only the active entries of a row enter (c, c' its entries, f_c their features, v_c their values):
+
+        ||u_b||^2 = sum_c v_c^2 ||R[:, f_c]||^2 + ReLU(v_c)^2 (2 R[f_c, f_c] + 1)
+                  + 2 sum_{c < c'} v_c v_c' R[:, f_c] . R[:, f_c']
+                                   + ReLU(v_c) v_c' R[f_c, f_c'] + ReLU(v_c') v_c R[f_c', f_c]
+
+    so R x_b, a dense (rows, n) array the size of the batch, is never made: the cost is n per pair
+    of entries in a row (about one pair per sample at n p = 1) instead of n per entry, plus n^2 per
+    instance for the column norms.
+    """
+    k, n, _ = rt.shape
+    out = np.zeros(k)
+    norms = np.empty(n, dtype=np.float64)
+    for i in range(k):
+        for f in range(n):
+            norm = rt.dtype.type(0)
+            for t in range(n):
+                norm += rt[i, f, t] * rt[i, f, t]
+            norms[f] = norm
+        total = 0.0
+        for j in range(i * stride, (i + 1) * stride - 1):
+            end = row_start[j + 1]
+            for c in range(row_start[j], end):
+                f, v = feature[c] - i * n, np.float64(value[c])
+                relu_v = max(v, 0.0)
+                total += v * v * norms[f] + relu_v * relu_v * (2.0 * rt[i, f, f] + 1.0)
+                for c2 in range(c + 1, end):
+                    f2, v2 = feature[c2] - i * n, np.float64(value[c2])
+                    dot = rt.dtype.type(0)
+                    for t in range(n):
+                        dot += rt[i, f, t] * rt[i, f2, t]
+                    total += 2.0 * (v * v2 * dot + relu_v * v2 * rt[i, f2, f] + max(v2, 0.0) * v * rt[i, f, f2])
+        out[i] = total
+    return out

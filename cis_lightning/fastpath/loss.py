@@ -286,6 +286,11 @@ class _Entries:
         entries.__dict__["position_in_rows"] = torch.from_numpy(position_in_rows)
         return entries, None if mean else torch.from_numpy(rows)
 
+    @property
+    def stride(self) -> int:
+        """Rows per instance (the last one collects the padding)."""
+        return self.n_rows // self.n_instances
+
     @functools.cached_property
     def u_sq(self) -> Tensor:
         """||ReLU(x_b)||^2 per row (n_rows,): only labels without a linear part ask for it."""
@@ -312,10 +317,10 @@ class _Entries:
         return _bag(self.row_by_feature, table, self.feature_start, weight)
 
 
-@functools.lru_cache(maxsize=8)
-def _instances_by_feature(k: int, c: int) -> Tensor:
-    """The instance of every entry in feature order (K C,): instance k's C entries come k-th."""
-    return torch.arange(k).repeat_interleave(c)
+def _label_sums_on_host(entries: _Entries) -> bool:
+    """Whether `kernels.label_square_sums` can sum the labels' norms of these entries: numba on, the
+    entries on the host, not under torch.compile."""
+    return kernels.ENABLED and entries.value.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _starts(group: Tensor, n_groups: int) -> Tensor:
@@ -347,9 +352,10 @@ def _sum_of_squares(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=1).square_()
 
 
-def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
-    """grad where the ReLU's output is positive, else 0 (one kernel)."""
-    return torch.ops.aten.threshold_backward(grad, output, 0)
+def _relu_backward_(grad: Tensor, output: Tensor) -> Tensor:
+    """grad where the ReLU's output is positive, else 0, in place in grad (one kernel, no new
+    (K, B, m) tensor)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
 
 
 class _OneLayerLoss(torch.autograd.Function):
@@ -366,22 +372,35 @@ class _OneLayerLoss(torch.autograd.Function):
         # B for filler); batch_size: B; mean: return the mean over the batch (K,), rows unused.
         # Views of a parameter keep requires_grad even here, and an embedding bag on a table that
         # requires grad takes its slower training path: work on detached tensors.
+        r_requires_grad = r is not None and r.requires_grad
         a, w, r = a.detach(), w.detach(), None if r is None else r.detach()
         k, m, n = a.shape
         value, relu_value = entries.value, entries.relu_value
         h = entries.sum_by_row(a.transpose(1, 2).contiguous().view(k * n, m), value).relu_().view(k, -1, m)
-        q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x), (K (B + 1), m)
         # u_sq: ||u_b||^2 per row, or for a mean its sum over each instance's rows (K,).
         u = t = None
         if r is None:
+            q = entries.sum_by_row(w.reshape(k * n, m), relu_value)  # W^T ReLU(x), (K (B + 1), m)
             u_sq = entries.u_sq.view(k, -1).sum(dim=1) if mean else entries.u_sq
         else:
             t = torch.bmm(r.transpose(1, 2), w)  # T = R^T W (K, n, m)
-            q += entries.sum_by_row(t.view(k * n, m), value)  # + W^T R x
-            u = entries.sum_by_row(r.transpose(1, 2).contiguous().view(k * n, n), value)  # R x
-            u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
-            # For a mean a norm reads u once, where a vecdot writes the products first.
-            u_sq = _sum_of_squares(u.view(k, -1)) if mean else torch.linalg.vecdot(u, u)
+            # q = W^T ReLU(x) + W^T R x: entry c adds ReLU(v_c) W[f_c] + v_c T[f_c] = v_c (T + [v_c > 0] W)[f_c],
+            # one bag over the table [T; T + W] (rows K n + f for a positive entry).
+            table = torch.cat([t, t + w]).view(2 * k * n, m)
+            q = _bag(entries.feature + (k * n) * (value > 0), table, entries.row_start, value)
+            r_t = r.transpose(1, 2).contiguous()  # column f of R_k at r_t[k, f]
+            if mean and not r_requires_grad and _label_sums_on_host(entries):
+                # u = R x + ReLU(x) only enters through sum_b ||u_b||^2 (no gradient at R is asked
+                # for): from the pairs of entries in each row, without the (K, B, n) u.
+                sums = kernels.label_square_sums(
+                    entries.row_start.numpy(), entries.feature.numpy(), value.numpy(), r_t.numpy(), entries.stride
+                )
+                u_sq = torch.from_numpy(sums).to(a.dtype)
+            else:
+                u = entries.sum_by_row(r_t.view(k * n, n), value)  # R x
+                u.view(-1).index_add_(0, entries.position_in_rows, relu_value)  # + ReLU(x)
+                # For a mean a norm reads u once, where a vecdot writes the products first.
+                u_sq = _sum_of_squares(u.view(k, -1)) if mean else torch.linalg.vecdot(u, u)
         q = q.view(k, -1, m)
         ctx.entries, ctx.rows, ctx.batch_size, ctx.mean = entries, rows, batch_size, mean
         if mean:
@@ -424,7 +443,7 @@ class _OneLayerLoss(torch.autograd.Function):
         grad_a = grad_w = grad_r = None
         if ctx.needs_input_grad[0]:
             g_h = torch.baddbmm(q, h, gram, beta=-1)  # G h - q in one pass
-            d_pre = _relu_backward(g_h, h).view(-1, m)  # through the ReLU, per unit s_b
+            d_pre = _relu_backward_(g_h, h).view(-1, m)  # through the ReLU, per unit s_b
             grad_a = entries.sum_by_feature(d_pre, weight).view(k, n, m).transpose(1, 2)
         h_rows = h.view(-1, m)
         if ctx.needs_input_grad[1]:
