@@ -12,8 +12,8 @@ row, which a batch mean against fixed labels R x + ReLU(x) needs (and nothing el
 specification is the dense labels' norm, to rounding (its dot products are vectorised).
 
 numba is optional: without it, or with CIS_NUMBA=0 in the environment, `ENABLED` is False and the
-loss groups its entries with numpy and makes R x with embedding bags. With it, the kernel is compiled at its first call and cached on
-disk (`cache=True`) for later processes.
+loss groups its entries with numpy and makes R x with embedding bags. With it, each kernel is
+compiled at its first call and cached on disk (`cache=True`) for later processes.
 """
 
 from __future__ import annotations
