@@ -78,6 +78,10 @@ class Evaluation:
     n_samples: int
 
 
+# How a stratified evaluation spends its samples (`plan_strata`): in proportion to each stratum's
+# probability, or to its probability times its spread (from a pilot).
+ALLOCATIONS = ("proportional", "variance")
+
 # Strata (numbers of active features) whose probability, given a non-empty sample, is below this
 # are left out of the stratified estimate: their share of L is below 1e-12 times their mean loss.
 _NEGLIGIBLE_STRATUM = 1e-12
@@ -128,7 +132,7 @@ def evaluate(
     stream: Stream = Stream.TEST,
     feature_probability: list[float] | None = None,
     method: str = "stratified",
-    allocation: str = "proportional",
+    allocation: str = "variance",
     pilot_samples: int = 2048,
 ) -> Evaluation:
     """L / p of every instance, with its standard error, from about `n_nonempty` non-empty samples.
@@ -136,21 +140,20 @@ def evaluate(
     method "dense" is the paper's protocol: dense batches of the input distribution, empty samples
     included. "stratified" (default) estimates the same L as sum_k P(k active) E[loss | k active]:
     the empty sample's loss is one forward pass, a homogeneous model's one-active term is exact
-    (`single_feature_loss`), and every other stratum gets the samples that `n_nonempty` non-empty
-    samples of the input distribution would hold on average (proportional allocation; at least 2).
-    So the estimate is at least as precise as the dense one from `n_nonempty` non-empty samples
-    (stratifying removes the between-strata variance, and exact strata have none), while it draws
-    only the non-exact part: at p = 0.001, n = 100, 95% of non-empty samples have one active feature
-    and 5% of the samples are drawn; exactly-one-active data draw nothing and give stderr 0. A model
-    with biases has only the empty sample exact and samples every other stratum.
+    (`single_feature_loss`), and every other stratum is sampled (at least 2 samples each). allocation
+    "variance" (default, as `cis test`) spends the samples by each stratum's spread (`neyman_counts`,
+    from a discarded pilot of at most `pilot_samples` per stratum): the dense protocol's precision at
+    `n_nonempty` non-empty samples from the fewest samples. "proportional" gives every stratum the
+    samples that `n_nonempty` non-empty samples would hold on average: at least as precise as the
+    dense estimate (stratifying removes the between-strata variance, and exact strata have none).
+    Either way only the non-exact part is drawn: at p = 0.001, n = 100, 95% of non-empty samples have
+    one active feature; exactly-one-active data draw nothing and give stderr 0. A model with biases
+    has only the empty sample exact and samples every other stratum.
     `feature_probability` (K floats) evaluates at other p than the trained ones.
-    allocation "variance" spends the samples by each stratum's spread instead (`neyman_counts`, from
-    a pilot of at most `pilot_samples` per stratum): the dense protocol's precision at `n_nonempty`
-    non-empty samples, from fewer samples. "proportional" (default) is the plan of `cis test`'s loop.
     """
     require(method in ("stratified", "dense"), "method", f"must be 'stratified' or 'dense', got {method!r}")
     ps = evaluation_probability(task) if feature_probability is None else list(feature_probability)
-    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
+    require(allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {allocation!r}")
     if method == "stratified":
         exact = exact_strata(model)
         plan = plan_strata(task, ps, n_nonempty, batch_size, exact)
@@ -178,8 +181,6 @@ def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream =
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
 
-
-_ALLOCATIONS = ("proportional", "variance")
 
 
 def plan_pilot(
@@ -220,7 +221,7 @@ def evaluate_at(
     the stratum means with its own probabilities. Every p's estimate is at least as precise as its own
     `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
     """
-    require(allocation in _ALLOCATIONS, "allocation", f"must be one of {_ALLOCATIONS}, got {allocation!r}")
+    require(allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {allocation!r}")
     k_instances, exact = task.n_instances, exact_strata(model)
     ps = [[q] * k_instances for q in feature_probabilities]
     plans = [plan_strata(task, p, n_nonempty, batch_size, exact) for p in ps]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
+from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from cis_lightning.core.errors import check_sizes, require
@@ -24,7 +25,10 @@ from cis_lightning.core.task import (
     training_instances,
     with_distinct_mixing,
 )
-from cis_lightning.evaluation import StrataPlan, evaluation_probability, plan_strata
+from cis_lightning.evaluation import ALLOCATIONS, StrataPlan, evaluation_probability, plan_strata
+
+# The pilot of a variance allocation: at most this many samples of each stratum (`evaluation.plan_pilot`).
+PILOT_SAMPLES = 2048
 
 
 class _Steps(IterableDataset):
@@ -45,7 +49,8 @@ class _Steps(IterableDataset):
 
 class StratumBatch(NamedTuple):
     """A validation or test batch: `size` samples with exactly `k` active features (`Task.sample_active`)
-    for `instances` (None: all)."""
+    for `instances` (None: all). The module draws and evaluates it (`evaluation.draw_stratum_losses`),
+    as `evaluation.evaluate` does: a sparse stratum never becomes a dense batch."""
 
     stream: int
     k: int
@@ -57,12 +62,12 @@ class StratumBatch(NamedTuple):
 class _Strata(IterableDataset):
     """This rank's share of the batches of a stratified evaluation plan (made when iterated)."""
 
-    def __init__(self, stream: Stream, plan: Callable[[], StrataPlan], split: Callable):
+    def __init__(self, stream: Stream, plan: Callable[[Stream], StrataPlan], split: Callable):
         self.stream, self.plan, self.split = stream, plan, split
 
     def __iter__(self) -> Iterator[StratumBatch]:
         rank, world = self.split()
-        plan = self.plan()
+        plan = self.plan(self.stream)
         for k, step, size in plan.batches[rank::world]:
             yield StratumBatch(int(self.stream), k, step, size, plan.instances[k])
 
@@ -90,8 +95,11 @@ class CCDataModule(pl.LightningDataModule):
 
     Validation and test are stratified by the number of active features (`evaluation.plan_strata`):
     the strata in `exact_strata` (the empty sample, and the single-feature one for a bias-free model;
-    the module sets it) are computed, the others get about `eval_nonempty_samples` samples in
-    proportion to their probability, in batches of at most `eval_batch_size`.
+    the module sets it) are computed, the others sampled in batches of at most `eval_batch_size`, at
+    the precision of `eval_nonempty_samples` non-empty samples of the dense protocol.
+    `eval_allocation` "variance" (default) spends the samples by each stratum's spread, from a pilot
+    of the model being evaluated (`stratum_moments`, which the module sets), and so draws fewer;
+    "proportional" gives every stratum `eval_nonempty_samples` times its share of the non-empty samples.
 
     `shard` "i/N" keeps instances i, i + N, i + 2N, ... of the grid: N runs with shards 0/N .. N-1/N
     (one per process, node or SLURM array task) train the whole sweep with no communication, and
@@ -117,6 +125,7 @@ class CCDataModule(pl.LightningDataModule):
         batch_size: int = 2048,
         eval_nonempty_samples: int = 1_000_000,
         eval_batch_size: int = 65536,
+        eval_allocation: str = "variance",
         grid: dict[str, list[Any]] | None = None,
         distinct_mixing: bool = False,
         shard: str | None = None,
@@ -138,6 +147,16 @@ class CCDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_nonempty_samples = eval_nonempty_samples
         self.eval_batch_size = eval_batch_size
+        require(
+            eval_allocation in ALLOCATIONS,
+            "data.eval_allocation",
+            f"must be one of {', '.join(map(repr, ALLOCATIONS))}, got {eval_allocation!r}",
+        )
+        self.eval_allocation = eval_allocation
+        # (plan, stream) -> the (mean, variance) of the loss per instance and stratum of the model being
+        # evaluated (`evaluation.plan_pilot`); the module sets it, and a variance allocation needs it.
+        self.stratum_moments: Callable[[StrataPlan, Stream], tuple[Tensor, Tensor]] | None = None
+        self._plan: tuple[tuple[Stream, int], StrataPlan] | None = None  # the last plan and its (stream, step)
         self.shard = shard
         self.exact_strata: tuple[int, ...] = (0,)  # every model's empty-sample loss is one forward pass
         # T_k: instance k's training batches are empty from step T_k on, where its learning rate is 0
@@ -163,10 +182,26 @@ class CCDataModule(pl.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         return self.trainer.global_rank, self.trainer.world_size
 
-    def eval_plan(self) -> StrataPlan:
-        """The stratified evaluation of validate and test (the same plan on every rank)."""
-        ps = evaluation_probability(self.task)
-        return plan_strata(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata)
+    def eval_plan(self, stream: Stream = Stream.TEST) -> StrataPlan:
+        """The stratified evaluation of validate (stream VALIDATE) or test at the trainer's step: the
+        same plan for the loader and the module, and on every rank (rank 0's, broadcast)."""
+        trainer = self.trainer
+        key = (stream, trainer.global_step if trainer is not None else 0)
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        plan = None
+        if trainer is None or trainer.global_rank == 0:
+            ps = evaluation_probability(self.task)
+            plan = plan_strata(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata)
+            if self.eval_allocation == "variance" and self.stratum_moments is not None:
+                moments = self.stratum_moments(plan, stream)
+                plan = plan_strata(
+                    self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata, moments
+                )
+        if trainer is not None and trainer.world_size > 1:
+            plan = trainer.strategy.broadcast(plan, src=0)
+        self._plan = (key, plan)
+        return plan
 
     # The loaders are the iterables themselves, not DataLoaders: Lightning takes any iterable, and a
     # DataLoader (a profiler range, a fetcher and a collate per item) would do a lot of work per
@@ -204,9 +239,8 @@ class CCDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:
-        if isinstance(batch, StratumBatch):  # validate, test: (k, instances, x), k active features
-            x = self.task.sample_active(batch.k, batch.size, batch.step, Stream(batch.stream), batch.instances)
-            return batch.k, batch.instances, x
+        if isinstance(batch, StratumBatch):  # validate, test: the module draws it (`CCModule._eval_step`)
+            return batch
         stream, step = batch
         if stream == Stream.TRAIN:
             rank, world = self._rank_and_world()

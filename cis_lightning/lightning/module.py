@@ -15,15 +15,19 @@ from cis_lightning.core.errors import ConfigError, require
 from cis_lightning.core.loss import mean_loss
 from cis_lightning.core.mixing import effective_rank
 from cis_lightning.core.models import CCModel
-from cis_lightning.core.task import Task, nonempty_steps, training_instances
+from cis_lightning.core.task import Stream, Task, nonempty_steps, training_instances
 from cis_lightning.evaluation import (
+    StrataPlan,
     StratifiedLossPerFeature,
+    draw_stratum_losses,
     evaluate_at,
     exact_losses,
     exact_strata,
     naive_loss_per_feature,
-    stratum_losses,
+    plan_pilot,
 )
+from cis_lightning.evaluation.readout import ReadoutForm, readout_form
+from cis_lightning.lightning.datamodule import PILOT_SAMPLES, StratumBatch
 from cis_lightning.runs.loading import read_checkpoint, save_atomically
 from cis_lightning.runs.results import RESULTS, RESULTS_BY_P, format_results, instance_tag, write_results
 
@@ -144,6 +148,7 @@ class CCModule(pl.LightningModule):
         self.test_feature_probabilities = list(test_feature_probabilities or [])
         self.task: Task | None = None
         self._eval_metric: StratifiedLossPerFeature | None = None
+        self._eval_form: ReadoutForm | None = None
         # compile: the training loss (forward and backward) through torch.compile, compiled on the
         # first step. The sampler stays eager (inductor cannot print SplitMix64's 64-bit constants).
         require(isinstance(compile, bool), "model.compile", f"must be true or false, got {compile!r}")
@@ -182,8 +187,10 @@ class CCModule(pl.LightningModule):
         self.network.fit_to(self.task)
         if stage == "fit":
             self._choose_training_loss()
-        # Validation and test compute these strata instead of sampling them (homogeneous models: k = 1 too).
+        # Validation and test compute these strata instead of sampling them (homogeneous models: k = 1 too),
+        # and allocate the samples of the others by this network's pilot.
         datamodule.exact_strata = exact_strata(self.network)
+        datamodule.stratum_moments = self.stratum_moments
 
     # -- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -386,18 +393,28 @@ class CCModule(pl.LightningModule):
         self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _start_eval(self) -> None:
-        plan = self.trainer.datamodule.eval_plan()
+    def stratum_moments(self, plan: StrataPlan, stream: Stream) -> tuple[Tensor, Tensor]:
+        """The pilot of a variance allocation (`evaluation.plan_pilot`) of this network: the data
+        module's `eval_plan` asks for it when its loader starts, before `on_*_epoch_start`."""
+        with torch.no_grad():
+            exact = exact_losses(self.network, self.task, plan.exact)
+            return plan_pilot(self.network, self.task, [plan], PILOT_SAMPLES, exact, stream)
+
+    def _start_eval(self, stream: Stream) -> None:
+        plan = self.trainer.datamodule.eval_plan(stream)  # the plan the loader iterates
         exact = exact_losses(self.network, self.task, plan.exact)
         self._eval_metric = StratifiedLossPerFeature(plan, exact).to(self.device)
+        self._eval_form = readout_form(self.network, self.task)  # made once per evaluation
 
-    def _eval_step(self, batch: tuple[int, Tensor]) -> None:
-        k, instances, x = batch  # x: k active features per sample (CCDataModule.on_after_batch_transfer)
-        self._eval_metric.update(k, stratum_losses(self.network, self.task, x, instances), instances)
+    def _eval_step(self, batch: StratumBatch) -> None:
+        k, instances = batch.k, batch.instances  # k active features per sample, `size` samples
+        form, stream = self._eval_form, Stream(batch.stream)
+        losses = draw_stratum_losses(self.network, self.task, form, k, batch.size, batch.step, stream, instances)
+        self._eval_metric.update(k, losses, instances)
 
     def _finish_eval(self, prefix: str) -> tuple[Tensor, Tensor]:
         lpf, stderr = self._eval_metric.compute()  # sums over ranks
-        self._eval_metric = None
+        self._eval_metric = self._eval_form = None
         self.log(f"{prefix}/loss_per_feature", lpf.mean().float(), sync_dist=False, rank_zero_only=True)
         self.log(f"{prefix}/loss_per_feature_stderr", stderr.mean().float(), rank_zero_only=True)
         self.log(f"{prefix}/naive_loss_per_feature", self.naive_loss_per_feature, rank_zero_only=True)
@@ -411,18 +428,18 @@ class CCModule(pl.LightningModule):
         return naive_loss_per_feature(self.network.n_features, self.network.n_neurons)
 
     def on_validation_epoch_start(self) -> None:
-        self._start_eval()
+        self._start_eval(Stream.VALIDATE)
 
-    def validation_step(self, batch: tuple[int, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: StratumBatch, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self._start_eval()
+        self._start_eval(Stream.TEST)
 
-    def test_step(self, batch: tuple[int, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: StratumBatch, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:

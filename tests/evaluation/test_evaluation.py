@@ -179,12 +179,15 @@ def test_evaluating_at_several_p_shares_one_draw_and_agrees_with_brute_force_at_
     qs = [0.005, 0.05, 0.5]
     shared = evaluate_at(model, task, qs, n_nonempty=5_000, allocation="proportional")
     for q, result in zip(qs, shared, strict=True):
-        alone = evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q])
+        alone = evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q], allocation="proportional")
         dense = evaluate(model, task, n_nonempty=20_000, batch_size=20_000, feature_probability=[q, q], method="dense")
         _agree(result, dense)
         assert (result.stderr <= alone.stderr * 1.05).all()  # each p gets at least its own plan's samples
     # Shared draws: fewer samples drawn in all than the p's plans one by one.
-    separate = sum(evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q]).n_samples for q in qs)
+    separate = sum(
+        evaluate(model, task, n_nonempty=5_000, feature_probability=[q, q], allocation="proportional").n_samples
+        for q in qs
+    )
     assert len({r.n_samples for r in shared}) >= 1 and max(r.n_samples for r in shared) < separate
 
 

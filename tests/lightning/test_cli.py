@@ -53,10 +53,12 @@ def test_test_from_a_checkpoint_alone_writes_results_csv(tiny, capsys):
     assert "L/p" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("allocation", ["variance", "proportional"])
 @pytest.mark.parametrize("network", ["MLP", "ResidualMLP"])
-def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network):
+def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network, allocation):
     """`cis test` runs evaluation.evaluate's plan through Lightning's test loop: the same strata, the
-    same batches, so the same L / p and stderr; a model with biases samples the one-feature stratum too."""
+    same batches (by default allocated by variance from the same pilot), so the same L / p and stderr;
+    a model with biases samples the one-feature stratum too."""
     from cis_lightning.core.task import Stream
     from cis_lightning.evaluation import evaluate
 
@@ -65,13 +67,33 @@ def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network)
         extra += ["--model.network.init_args.hidden_bias", "true"]
     fit = run(["fit", *tiny(steps=10), *extra])
     checkpoint = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    test = run(["test", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"])
+    chosen = [] if allocation == "variance" else ["--data.eval_allocation", allocation]  # variance: the default
+    test = run(["test", "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false", *chosen])
     row = read_results(Path(test.trainer.log_dir) / "results.csv")[0]
     module, data = test.model, test.datamodule
-    assert data.exact_strata == ((0,) if network == "MLP" else (0, 1))
-    expected = evaluate(module.network, module.task, data.eval_nonempty_samples, data.eval_batch_size, Stream.TEST)
+    assert data.exact_strata == ((0,) if network == "MLP" else (0, 1)) and data.eval_allocation == allocation
+    expected = evaluate(
+        module.network, module.task, data.eval_nonempty_samples, data.eval_batch_size, Stream.TEST, allocation=allocation
+    )
+    other = evaluate(
+        module.network,
+        module.task,
+        data.eval_nonempty_samples,
+        data.eval_batch_size,
+        Stream.TEST,
+        allocation="proportional" if allocation == "variance" else "variance",
+    )
+    assert expected.n_samples != other.n_samples  # the two allocations are told apart
     assert float(row["loss_per_feature"]) == pytest.approx(float(expected.loss_per_feature[0]), rel=1e-6)
     assert float(row["loss_per_feature_stderr"]) == pytest.approx(float(expected.stderr[0]), rel=1e-6)
+
+
+def test_a_bad_eval_allocation_is_one_line_naming_the_field_and_the_values(tiny, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", *tiny(), "--data.eval_allocation", "neyman"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.eval_allocation" in err and "'proportional', 'variance'" in err and "Traceback" not in err
 
 
 def test_test_refuses_a_checkpoint_whose_matrices_differ_from_its_config(tiny, capsys):
