@@ -12,9 +12,9 @@ Rows (all measured in this one invocation, on one machine, one after the other):
   sparsity_regimes.yaml, plus each at its trained p: ours (`evaluate_at` + `evaluate`) against dense;
 - the sigma sweep's test: K = 82 instances at p = 0.01 (`evaluate`) against dense;
 - every single p: one model at one p, ours against dense.
-"ours" is what `cis test` runs: its loop's proportional plan at the trained p (`evaluate`) and the
-variance allocation of `evaluate_at` for results_by_p.csv; rows marked "variance allocation" time
-`evaluate(..., allocation="variance")` (the dense precision from fewer samples) against the same dense time.
+"ours" is what `cis test` runs: `evaluate` at the trained p (its loop's plan, allocated by variance
+from a pilot, dense strata at a high p filled by Bernoulli draws) and `evaluate_at` for
+results_by_p.csv, both at the dense protocol's precision.
 The dense reference costs the same for every model of a row, so with --dense-models M it is timed
 on M of the row's models and scaled to all of them (the output says so).
 
@@ -105,19 +105,15 @@ def main() -> None:
     sweep = Task([Instance(0.01, sigma=0.001 * i, mixing=mixing) for i in range(82)], N)
     sweep_model = MLP(n_features=N, d_mlp=D_MLP, seeds=list(range(82)))
     ours = timed(lambda: evaluate(sweep_model, sweep, nonempty))[0]
-    variance = timed(lambda: evaluate(sweep_model, sweep, nonempty, allocation="variance"))[0]
     dense = dense_seconds(sweep_model, sweep, [[0.01]] * 82, nonempty, options.dense_models)
     row("sigma sweep test: 82 models at p = 0.01", ours, dense, scaled)
-    row("sigma sweep test, variance allocation", variance, dense, scaled)
 
     single = MLP(n_features=N, d_mlp=D_MLP)
     for p in EVAL_P:
         one = Task([Instance(p, sigma=0.02, mixing=mixing)], N)
         ours = timed(lambda one=one: evaluate(single, one, nonempty))[0]
-        variance = timed(lambda one=one: evaluate(single, one, nonempty, allocation="variance"))[0]
         dense = dense_seconds(single, one, [[p]], nonempty, 1)
         row(f"one model at p = {p:g}", ours, dense)
-        row(f"one model at p = {p:g}, variance allocation", variance, dense)
 
 
 if __name__ == "__main__":

@@ -362,6 +362,25 @@ class Task(nn.Module):
             x = values.masked_fill_(chosen, 0.0) if inactive else values.masked_fill_(~chosen, 0.0)
         return x[None].expand(self.n_instances if instances is None else len(instances), batch_size, n)
 
+    def sample_bernoulli(
+        self, feature_probability: float, batch_size: int, step: int, stream: Stream = Stream.TEST
+    ) -> tuple[Tensor, Tensor]:
+        """x (batch_size, n) of the input distribution at p = `feature_probability` (every feature
+        active with probability p, values uniform on [-1, 1]), and each sample's number of active
+        features (batch_size,), for a post-stratified evaluation (`evaluation.BernoulliDraw`).
+
+        One uniform u per number: a feature is active where u < p, with value 2 u / p - 1 (given
+        u < p, u / p is uniform on [0, 1)). Shared by all instances like `sample_active`'s draws;
+        keyed by (stream, p, step), apart from every stratum's keys."""
+        n, device = self.n_features, self.mixing.device
+        # A key per p (its float32 bits, below 2^30) above every stratum's (n_active <= n < 2^30).
+        code = 2**30 + int(torch.tensor(feature_probability, dtype=torch.float32).view(torch.int32))
+        generator = _stratum_generator(code, step, stream, device)
+        u = torch.rand(batch_size, n, generator=generator, device=device)
+        active = u < feature_probability
+        x = torch.where(active, (u / feature_probability) * 2 - 1, 0.0)
+        return x, active.sum(dim=1)
+
     def sparse_stratum(self, n_active: int) -> bool:
         """Whether samples with `n_active` active features are handled as their active entries: at most
         the fraction of features above which `draw` draws densely."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -172,29 +173,24 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream = Stream.TEST) -> Evaluation:
-    """L / p and its standard error from the strata of `plan` (`plan_strata`)."""
+    """L / p and its standard error from the draws of `plan` (`plan_strata`)."""
     metric = StratifiedLossPerFeature(plan, exact_losses(model, task, plan.exact)).to(task.mixing.device)
     form = readout_form(model, task)
-    for k, step, size in plan.batches:
-        instances = plan.instances[k]
-        metric.update(k, draw_stratum_losses(model, task, form, k, size, step, stream, instances), instances)
+    for draw in plan.draws:
+        metric.add(draw, draw_losses(model, task, form, draw, stream))
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
-
 
 
 def plan_pilot(
     model: CCModel, task: Task, plans: Sequence[StrataPlan], pilot_samples: int, exact_values: Tensor, stream: Stream
 ) -> tuple[Tensor, Tensor]:
     """`pilot_moments` of every stratum that some proportional plan of `plans` samples, from at most
-    `pilot_samples` samples each (fewer where the proportional plan draws fewer: then the pilot costs
+    `pilot_samples` samples each (fewer where the proportional plan plans fewer: then the pilot costs
     no more than the stratum would)."""
     wanted: dict[int, int] = {}
     for plan in plans:
-        per_stratum: dict[int, int] = {}
-        for k, _, size in plan.batches:
-            per_stratum[k] = per_stratum.get(k, 0) + size
-        for k, count in per_stratum.items():
+        for k, count in plan.targets.items():
             wanted[k] = max(wanted.get(k, 0), count)
     strata = sorted(wanted)
     sizes = [min(pilot_samples, wanted[k]) for k in strata]
@@ -217,9 +213,10 @@ def evaluate_at(
 
     A stratum (k active features) has the same conditional distribution at every p; only its weight
     P(k | p) changes. So the p share their samples: stratum k gets the most samples any p's own plan
-    (`plan_strata`) gives it, drawn once for all instances (`Task.sample_active`), and each p weighs
-    the stratum means with its own probabilities. Every p's estimate is at least as precise as its own
-    `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
+    (`plan_strata`) draws of it, drawn once for all instances (`Task.sample_active`), every p's
+    Bernoulli draws (`BernoulliDraw`) count for every p whose plan samples their strata, and each p
+    weighs the stratum means with its own probabilities. Every p's estimate is at least as precise as
+    its own `evaluate`, and the samples are drawn and pushed through the model once instead of once per p.
     """
     require(allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {allocation!r}")
     k_instances, exact = task.n_instances, exact_strata(model)
@@ -229,25 +226,34 @@ def evaluate_at(
     if allocation == "variance":
         moments = plan_pilot(model, task, plans, pilot_samples, exact_values, stream)
         plans = [plan_strata(task, p, n_nonempty, batch_size, exact, moments) for p in ps]
-    counts: dict[int, int] = {}
+    counts: dict[int, int] = {}  # the exact-k samples of stratum k: the most any p's plan draws
+    bernoulli: list[BernoulliDraw] = []
     for plan in plans:
         per_stratum: dict[int, int] = {}
-        for k, _, size in plan.batches:
-            per_stratum[k] = per_stratum.get(k, 0) + size
+        for draw in plan.draws:
+            if isinstance(draw, StratumDraw):
+                per_stratum[draw.k] = per_stratum.get(draw.k, 0) + draw.size
+            else:
+                bernoulli.append(draw)
         for k, count in per_stratum.items():
             counts[k] = max(counts.get(k, 0), count)
+    draws = [
+        StratumDraw(k, step, min(batch_size, count - start), None)
+        for k, count in sorted(counts.items())
+        for step, start in enumerate(range(0, count, batch_size))
+    ]
     metrics = [StratifiedLossPerFeature(plan, exact_values).to(task.mixing.device) for plan in plans]
     form = readout_form(model, task)
-    for k, count in sorted(counts.items()):
-        for step, start in enumerate(range(0, count, batch_size)):
-            losses = draw_stratum_losses(model, task, form, k, min(batch_size, count - start), step, stream)
-            for plan, metric in zip(plans, metrics, strict=True):
-                if k in plan.sampled:  # every p whose plan samples stratum k takes the shared batch
-                    metric.update(k, losses)
+    for draw in draws + bernoulli:
+        losses = draw_losses(model, task, form, draw, stream)
+        for plan, metric in zip(plans, metrics, strict=True):
+            if isinstance(draw, BernoulliDraw) or draw.k in plan.sampled:  # a shared batch: every p takes it
+                metric.add(draw, losses)
+    drawn = sum(draw.size for draw in draws + bernoulli)
     results = []
-    for plan, metric in zip(plans, metrics, strict=True):
+    for metric in metrics:
         lpf, err = metric.compute()
-        results.append(Evaluation(lpf.cpu(), err.cpu(), sum(counts[k] for k in plan.sampled)))
+        results.append(Evaluation(lpf.cpu(), err.cpu(), drawn))
     return results
 
 
@@ -285,6 +291,18 @@ def draw_stratum_losses(
     return stratum_losses(model, task, task.sample_active(k, size, step, stream, instances), instances)
 
 
+def draw_losses(
+    model: CCModel, task: Task, form: ReadoutForm | None, draw: StratumDraw | BernoulliDraw, stream: Stream
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The per-sample losses of a plan's draw: (K', B) for a `StratumDraw` (`draw_stratum_losses`),
+    and for a `BernoulliDraw` the losses and each sample's number of active features (B,)."""
+    if isinstance(draw, StratumDraw):
+        return draw_stratum_losses(model, task, form, draw.k, draw.size, draw.step, stream, draw.instances)
+    x, n_active = task.sample_bernoulli(draw.q, draw.size, draw.step, stream)
+    k = task.n_instances if draw.instances is None else len(draw.instances)
+    return stratum_losses(model, task, x[None].expand(k, *x.shape), draw.instances), n_active
+
+
 def exact_strata(model: CCModel) -> tuple[int, ...]:
     """Numbers of active features whose conditional loss is computed, not sampled: the empty sample,
     and the single-feature one for a homogeneous model (`single_feature_loss`)."""
@@ -299,28 +317,59 @@ def exact_losses(model: CCModel, task: Task, strata: Sequence[int]) -> Tensor:
     return torch.stack([rows[k]() for k in strata])
 
 
+class StratumDraw(NamedTuple):
+    """`size` samples with exactly `k` active features (`Task.sample_active`), batch `step` of the
+    stratum, for `instances` (None: all)."""
+
+    k: int
+    step: int
+    size: int
+    instances: tuple[int, ...] | None
+
+
+class BernoulliDraw(NamedTuple):
+    """`size` samples of the input distribution at p = `q` (`Task.sample_bernoulli`), batch `step`,
+    for `instances` (None: all), post-stratified: each sample counts for the stratum of its number of
+    active features. A dense stratum is cheaper to fill this way than one subset at a time."""
+
+    q: float
+    step: int
+    size: int
+    instances: tuple[int, ...] | None
+
+
+# A dense stratum is filled by Bernoulli draws at an instance's p where these draws are expected to
+# give it at least this many samples (so that it gets fewer than 2 with probability below 1e-20), and
+# only for a p whose draws land in dense strata at least half of the time.
+_BERNOULLI_MIN_EXPECTED = 64
+_BERNOULLI_MIN_DENSE_SHARE = 0.5
+
+
 @dataclasses.dataclass
 class StrataPlan:
     """How a stratified evaluation spends its samples.
 
     probability (K, n + 1): P(k active | p) per instance; `exact`: strata computed, not sampled;
     `sampled`: strata sampled, those with a share of at least 1e-12 of the non-empty samples of some
-    instance; `batches`: (k, step, size) to draw with `Task.sample_active`, N_k = n_nonempty P(k) /
-    P(non-empty) samples for stratum k (the largest over instances), at least 2. `instances[k]`:
-    the instances that sample stratum k (those for which it is not negligible), None for all: a run
-    of p from 0.001 to 1 draws each stratum for the few instances it matters to, not for all K.
+    instance; `targets[k]`: the samples planned for stratum k (the most of any instance, at least
+    2); `instances[k]`: the instances that sample stratum k (those for which it is not negligible),
+    None for all: a run of p from 0.001 to 1 draws each stratum for the few instances it matters to.
+    `draws`: what to draw. A sparse stratum, and the tail of a dense one, get `StratumDraw`s of their
+    target; the bulk of the dense strata (k > n / 5) of instances at a high p comes from
+    `BernoulliDraw`s at that p, as many as give each of them its target in expectation.
     """
 
     probability: Tensor
     feature_probability: list[float]
     exact: tuple[int, ...]
     sampled: list[int]
-    batches: list[tuple[int, int, int]]
+    targets: dict[int, int]
     instances: dict[int, tuple[int, ...] | None]
+    draws: list[StratumDraw | BernoulliDraw]
 
     @property
     def n_samples(self) -> int:
-        return sum(size for _, _, size in self.batches)
+        return sum(draw.size for draw in self.draws)
 
 
 def plan_strata(
@@ -331,7 +380,7 @@ def plan_strata(
     exact: Sequence[int],
     moments: tuple[Tensor, Tensor] | None = None,
 ) -> StrataPlan:
-    """The strata and batches of a stratified evaluation at the precision of `n_nonempty` non-empty samples.
+    """The strata and draws of a stratified evaluation at the precision of `n_nonempty` non-empty samples.
 
     Without `moments`: proportional allocation, N_k = n_nonempty P(k) / P(non-empty). With `moments`
     (mean, variance), each (K, n + 1), the loss's mean and variance per instance and stratum (exact
@@ -343,20 +392,65 @@ def plan_strata(
     needs = probability / nonempty >= _NEGLIGIBLE_STRATUM  # (K, n + 1): instance k samples stratum s
     sampled = [k for k in range(1, task.n_features + 1) if k not in exact and needs[:, k].any()]
     instances = {k: None if needs[:, k].all() else tuple(needs[:, k].nonzero().flatten().tolist()) for k in sampled}
-    batches = []
-    if sampled:
-        if moments is None:
-            share = (probability[:, sampled] / nonempty).amax(dim=0)  # of the non-empty samples
-            counts = (n_nonempty * share).tolist()
-        else:
-            needed = neyman_counts(probability, nonempty[:, 0], n_nonempty, *moments, sampled)  # (K, S)
-            counts = torch.where(needs[:, sampled], needed, 0).amax(dim=0).tolist()
-        for k, wanted in zip(sampled, counts, strict=True):
-            count = max(2, math.ceil(wanted))
-            batches += [
-                (k, step, min(batch_size, count - start)) for step, start in enumerate(range(0, count, batch_size))
+    if not sampled:
+        return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, {}, instances, [])
+    if moments is None:
+        target = n_nonempty * probability[:, sampled] / nonempty  # (K, S), of the non-empty samples
+    else:
+        target = neyman_counts(probability, nonempty[:, 0], n_nonempty, *moments, sampled)
+    target = torch.where(needs[:, sampled], target, 0)
+    targets = {k: max(2, math.ceil(t)) for k, t in zip(sampled, target.amax(dim=0).tolist(), strict=True)}
+    draws: list[StratumDraw | BernoulliDraw] = []
+    covered = torch.zeros_like(target, dtype=torch.bool)  # (K, S): filled by Bernoulli draws
+    dense = [j for j, k in enumerate(sampled) if not task.sparse_stratum(k)]
+    for q in sorted(set(feature_probability)) if dense else []:
+        members = [i for i, p in enumerate(feature_probability) if p == q]
+        variance = None if moments is None else moments[1][members][:, [sampled[j] for j in dense]]
+        size, bulk = _bernoulli_draws(probability[members[0], sampled][dense], target[members][:, dense], variance)
+        group = None if len(members) == task.n_instances else tuple(members)
+        draws += [
+            BernoulliDraw(q, step, min(batch_size, size - start), group)
+            for step, start in enumerate(range(0, size, batch_size))
+        ]
+        for j, fills in zip(dense, bulk.tolist(), strict=True):
+            covered[members, j] = fills
+    for j, k in enumerate(sampled):
+        uncovered = needs[:, k] & ~covered[:, j]
+        if uncovered.any():
+            count = max(2, math.ceil(target[uncovered, j].max()))
+            who = instances[k] if uncovered.equal(needs[:, k]) else tuple(uncovered.nonzero().flatten().tolist())
+            draws += [
+                StratumDraw(k, step, min(batch_size, count - start), who)
+                for step, start in enumerate(range(0, count, batch_size))
             ]
-    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, batches, instances)
+    return StrataPlan(probability, list(feature_probability), tuple(exact), sampled, targets, instances, draws)
+
+
+def _bernoulli_draws(probability: Tensor, target: Tensor, variance: Tensor | None) -> tuple[int, Tensor]:
+    """How many Bernoulli samples at one p fill the dense strata of the instances at that p, and
+    which strata they fill (D,); (0, none) where they would not pay.
+
+    probability (D,): P(k) of each dense stratum at p; target (G, D): the planned samples of each
+    instance at p; variance (G, D): the loss's variance per stratum, or None (proportional targets).
+    M samples give stratum k about M P(k). Post-stratified, the dense strata's variance is then
+    sum_k P(k) s_k^2 / M, which equals the planned sum_k P(k)^2 s_k^2 / N_k at
+    M = sum_k P(k) s_k^2 / sum_k P(k)^2 s_k^2 / N_k; for proportional targets (N_k / P(k) the same
+    for all k) M = sum_k N_k / sum_k P(k). A stratum that M samples would hit fewer than
+    `_BERNOULLI_MIN_EXPECTED` times keeps its own draws.
+    """
+    none = torch.zeros_like(probability, dtype=torch.bool)
+    if float(probability.sum()) < _BERNOULLI_MIN_DENSE_SHARE:
+        return 0, none
+    wanted = target.amax(dim=0)
+    total = float(wanted.sum()) / float(probability.sum())
+    if variance is not None:
+        spread = variance.double().clamp_min(0).amax(dim=0)
+        planned = (probability.pow(2) * spread / wanted.clamp_min(1)).sum()
+        if planned > 0:
+            total = float((probability * spread).sum() / planned)
+    size = math.ceil(total)
+    bulk = probability * size >= _BERNOULLI_MIN_EXPECTED
+    return (size, bulk) if bool(bulk.any()) else (0, none)
 
 
 def neyman_counts(
@@ -427,6 +521,9 @@ class StratifiedLossPerFeature(Metric):
         super().__init__()
         k, s = plan.probability.shape[0], len(plan.sampled)
         self._row = {stratum: i for i, stratum in enumerate(plan.sampled)}
+        row_of = torch.full((plan.probability.shape[1],), s, dtype=torch.int64)  # s: a stratum not sampled
+        row_of[plan.sampled] = torch.arange(s)
+        self.register_buffer("row_of", row_of, persistent=False)
         probability = plan.probability.to(torch.float64)
         exact_part = (probability[:, list(plan.exact)].T * exact.to(probability)).sum(dim=0)  # (K,)
         self.register_buffer("exact_part", exact_part, persistent=False)
@@ -447,6 +544,29 @@ class StratifiedLossPerFeature(Metric):
         self.total[i, columns] += losses.sum(dim=1)
         self.total_sq[i, columns] += losses.pow(2).sum(dim=1)
         self.count[i, columns] += losses.shape[1]
+
+    def update_mixed(self, n_active: Tensor, losses: Tensor, instances: Sequence[int] | None = None) -> None:
+        """Add a batch of samples of any strata: losses (K', B), n_active (B,) each sample's number of
+        active features; samples of strata this plan does not sample (exact, negligible) are left out."""
+        s, k = self.total.shape
+        row = self.row_of[n_active]
+        keep = row < s
+        row, losses = row[keep], losses[:, keep].double()
+        columns = slice(None) if instances is None else list(instances)
+        for state, values in (
+            (self.total, losses),
+            (self.total_sq, losses.pow(2)),
+            (self.count, torch.ones_like(losses)),
+        ):
+            sums = torch.zeros(s, values.shape[0], dtype=torch.float64, device=values.device)
+            state[:, columns] += sums.index_add_(0, row, values.T)
+
+    def add(self, draw: StratumDraw | BernoulliDraw, losses: Tensor | tuple[Tensor, Tensor]) -> None:
+        """Add the losses of a plan's draw (`draw_losses`)."""
+        if isinstance(draw, StratumDraw):
+            self.update(draw.k, losses, draw.instances)
+        else:
+            self.update_mixed(losses[1], losses[0], draw.instances)
 
     def compute(self) -> Tensor:
         count = self.count.clamp_min(1)

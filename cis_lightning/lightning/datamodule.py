@@ -25,7 +25,14 @@ from cis_lightning.core.task import (
     training_instances,
     with_distinct_mixing,
 )
-from cis_lightning.evaluation import ALLOCATIONS, StrataPlan, evaluation_probability, plan_strata
+from cis_lightning.evaluation import (
+    ALLOCATIONS,
+    BernoulliDraw,
+    StrataPlan,
+    StratumDraw,
+    evaluation_probability,
+    plan_strata,
+)
 
 # The pilot of a variance allocation: at most this many samples of each stratum (`evaluation.plan_pilot`).
 PILOT_SAMPLES = 2048
@@ -47,16 +54,13 @@ class _Steps(IterableDataset):
         return ((int(self.stream), step) for step in steps)
 
 
-class StratumBatch(NamedTuple):
-    """A validation or test batch: `size` samples with exactly `k` active features (`Task.sample_active`)
-    for `instances` (None: all). The module draws and evaluates it (`evaluation.draw_stratum_losses`),
+class EvalBatch(NamedTuple):
+    """A validation or test batch: one draw of the evaluation plan (`evaluation.StratumDraw` or
+    `evaluation.BernoulliDraw`) of `stream`. The module draws and evaluates it (`evaluation.draw_losses`),
     as `evaluation.evaluate` does: a sparse stratum never becomes a dense batch."""
 
     stream: int
-    k: int
-    step: int
-    size: int
-    instances: tuple[int, ...] | None
+    draw: StratumDraw | BernoulliDraw
 
 
 class _Strata(IterableDataset):
@@ -65,11 +69,11 @@ class _Strata(IterableDataset):
     def __init__(self, stream: Stream, plan: Callable[[Stream], StrataPlan], split: Callable):
         self.stream, self.plan, self.split = stream, plan, split
 
-    def __iter__(self) -> Iterator[StratumBatch]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         rank, world = self.split()
         plan = self.plan(self.stream)
-        for k, step, size in plan.batches[rank::world]:
-            yield StratumBatch(int(self.stream), k, step, size, plan.instances[k])
+        for draw in plan.draws[rank::world]:
+            yield EvalBatch(int(self.stream), draw)
 
 
 def select_shard(instances: list[Instance], shard: str | None) -> list[Instance]:
@@ -239,7 +243,7 @@ class CCDataModule(pl.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> Any:
-        if isinstance(batch, StratumBatch):  # validate, test: the module draws it (`CCModule._eval_step`)
+        if isinstance(batch, EvalBatch):  # validate, test: the module draws it (`CCModule._eval_step`)
             return batch
         stream, step = batch
         if stream == Stream.TRAIN:

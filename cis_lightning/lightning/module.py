@@ -19,7 +19,7 @@ from cis_lightning.core.task import Stream, Task, nonempty_steps, training_insta
 from cis_lightning.evaluation import (
     StrataPlan,
     StratifiedLossPerFeature,
-    draw_stratum_losses,
+    draw_losses,
     evaluate_at,
     exact_losses,
     exact_strata,
@@ -27,7 +27,7 @@ from cis_lightning.evaluation import (
     plan_pilot,
 )
 from cis_lightning.evaluation.readout import ReadoutForm, readout_form
-from cis_lightning.lightning.datamodule import PILOT_SAMPLES, StratumBatch
+from cis_lightning.lightning.datamodule import PILOT_SAMPLES, EvalBatch
 from cis_lightning.runs.loading import read_checkpoint, save_atomically
 from cis_lightning.runs.results import RESULTS, RESULTS_BY_P, format_results, instance_tag, write_results
 
@@ -406,11 +406,9 @@ class CCModule(pl.LightningModule):
         self._eval_metric = StratifiedLossPerFeature(plan, exact).to(self.device)
         self._eval_form = readout_form(self.network, self.task)  # made once per evaluation
 
-    def _eval_step(self, batch: StratumBatch) -> None:
-        k, instances = batch.k, batch.instances  # k active features per sample, `size` samples
-        form, stream = self._eval_form, Stream(batch.stream)
-        losses = draw_stratum_losses(self.network, self.task, form, k, batch.size, batch.step, stream, instances)
-        self._eval_metric.update(k, losses, instances)
+    def _eval_step(self, batch: EvalBatch) -> None:
+        losses = draw_losses(self.network, self.task, self._eval_form, batch.draw, Stream(batch.stream))
+        self._eval_metric.add(batch.draw, losses)
 
     def _finish_eval(self, prefix: str) -> tuple[Tensor, Tensor]:
         lpf, stderr = self._eval_metric.compute()  # sums over ranks
@@ -430,7 +428,7 @@ class CCModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_eval(Stream.VALIDATE)
 
-    def validation_step(self, batch: StratumBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -439,7 +437,7 @@ class CCModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_eval(Stream.TEST)
 
-    def test_step(self, batch: StratumBatch, batch_idx: int) -> None:
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
