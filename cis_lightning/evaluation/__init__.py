@@ -260,14 +260,15 @@ def evaluate_at(
 def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, ...] | None) -> Tensor:
     """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None).
 
-    x (K', B, n) is `Task.sample_active`'s draw, one (B, n) batch shared by the instances: a sparse
-    one goes through the network's `ReadoutForm` on its active entries, as `evaluate` does."""
+    x (K', B, n) is `Task.sample_active`'s draw, one (B, n) batch shared by the instances: it goes
+    through the network's `ReadoutForm`, on its active entries if it is sparse, as `evaluate` does."""
     form = readout_form(model, task)
     shared = x.shape[0] == 1 or x.stride(0) == 0
     if form is not None and shared and x.shape[1] > 0:
         active = x[0] != 0
         if task.sparse_stratum(int(active.sum(dim=1).max())):
             return form.select(instances).losses(*active_entries_of(x[0], active))
+        return form.select(instances).dense_losses(x[0])
     if instances is not None:
         model, task = select_instances(model, instances), select_instances(task, instances)
     return per_sample_loss(model, task, x)
@@ -288,7 +289,8 @@ def draw_stratum_losses(
     entries only (`Task.active_entries`), never as a dense batch."""
     if form is not None and task.sparse_stratum(k):
         return form.select(instances).losses(*task.active_entries(k, size, step, stream))
-    return stratum_losses(model, task, task.sample_active(k, size, step, stream, instances), instances)
+    x = task.sample_active(k, size, step, stream, instances)
+    return stratum_losses(model, task, x, instances) if form is None else form.select(instances).dense_losses(x[0])
 
 
 def draw_losses(
@@ -299,6 +301,8 @@ def draw_losses(
     if isinstance(draw, StratumDraw):
         return draw_stratum_losses(model, task, form, draw.k, draw.size, draw.step, stream, draw.instances)
     x, n_active = task.sample_bernoulli(draw.q, draw.size, draw.step, stream)
+    if form is not None and not task.sparse_stratum(int(n_active.max())):  # dense: no need to look for entries
+        return form.select(draw.instances).dense_losses(x), n_active
     k = task.n_instances if draw.instances is None else len(draw.instances)
     return stratum_losses(model, task, x[None].expand(k, *x.shape), draw.instances), n_active
 
@@ -340,9 +344,10 @@ class BernoulliDraw(NamedTuple):
 
 # A dense stratum is filled by Bernoulli draws at an instance's p where these draws are expected to
 # give it at least this many samples (so that it gets fewer than 2 with probability below 1e-20), and
-# only for a p whose draws land in dense strata at least half of the time.
+# only for a p whose draws land in dense strata at least 80% of the time (below, the draws spent on
+# sparse strata, which have cheaper draws of their own, cost more than the subsets they spare).
 _BERNOULLI_MIN_EXPECTED = 64
-_BERNOULLI_MIN_DENSE_SHARE = 0.5
+_BERNOULLI_MIN_DENSE_SHARE = 0.8
 
 
 @dataclasses.dataclass
@@ -535,8 +540,20 @@ class StratifiedLossPerFeature(Metric):
         if not plan.sampled:  # every stratum exact: an empty update, so that compute() does not warn
             self.update(None)
 
-    def update(self, stratum: int | None, losses: Tensor | None = None, instances: Sequence[int] | None = None) -> None:
-        """Add a batch of `stratum`'s (K', B) losses; stratum None adds nothing."""
+    def update(
+        self,
+        stratum: int | None,
+        losses: Tensor | None = None,
+        instances: Sequence[int] | None = None,
+        n_active: Tensor | None = None,
+    ) -> None:
+        """Add a batch of `stratum`'s (K', B) losses; stratum None adds nothing. With `n_active` (B,),
+        each sample's number of active features, a batch of any strata (`stratum` is not read):
+        each sample counts for its own stratum, and samples of strata this plan does not sample
+        (exact, negligible) are left out."""
+        if n_active is not None:
+            self._update_mixed(n_active, losses, instances)
+            return
         if stratum is None:
             return
         i, losses = self._row[stratum], losses.double()
@@ -545,10 +562,8 @@ class StratifiedLossPerFeature(Metric):
         self.total_sq[i, columns] += losses.pow(2).sum(dim=1)
         self.count[i, columns] += losses.shape[1]
 
-    def update_mixed(self, n_active: Tensor, losses: Tensor, instances: Sequence[int] | None = None) -> None:
-        """Add a batch of samples of any strata: losses (K', B), n_active (B,) each sample's number of
-        active features; samples of strata this plan does not sample (exact, negligible) are left out."""
-        s, k = self.total.shape
+    def _update_mixed(self, n_active: Tensor, losses: Tensor, instances: Sequence[int] | None) -> None:
+        s = self.total.shape[0]
         row = self.row_of[n_active]
         keep = row < s
         row, losses = row[keep], losses[:, keep].double()
@@ -566,7 +581,7 @@ class StratifiedLossPerFeature(Metric):
         if isinstance(draw, StratumDraw):
             self.update(draw.k, losses, draw.instances)
         else:
-            self.update_mixed(losses[1], losses[0], draw.instances)
+            self.update(None, losses[0], draw.instances, n_active=losses[1])
 
     def compute(self) -> Tensor:
         count = self.count.clamp_min(1)

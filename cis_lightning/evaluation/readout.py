@@ -47,6 +47,9 @@ class ReadoutForm:
     own forward stays the definition; `of` builds the form only where the identity is exact (a
     bias-free MLP, tied or not, and a one-layer residual MLP, whose W_E W_E^T x term moves into
     S = I - W_E W_E^T), and tests/evaluation prove the two equal.
+
+    A dense batch (`dense_losses`) takes the same loss unexpanded but fused: W_out h - S x - ReLU(x)
+    is one product of [h, x] with [W_out^T; -S^T] added to -ReLU(x), and its squared norm one pass.
     """
 
     def __init__(self, w_in: Tensor, w_out: Tensor, mixing: Tensor | None):
@@ -58,6 +61,9 @@ class ReadoutForm:
         readout = [w_out] if mixing is None else [w_out, torch.bmm(mixing.transpose(1, 2), w_out)]
         self.table_out = torch.cat([r.permute(1, 0, 2).reshape(n, k * h) for r in readout])  # (n or 2n, K h)
         self.table_mixing = None if mixing is None else mixing.permute(2, 0, 1).reshape(n, k * n)
+        # [W_out^T; -S^T] (K, h + n, n): the output minus the linear part of the labels, from [h, x]
+        readout = [w_out.transpose(1, 2)] + ([] if mixing is None else [-mixing.transpose(1, 2)])
+        self.readout_minus_mixing = torch.cat(readout, dim=1)
 
     @staticmethod
     def of(model: CCModel, task: Task) -> ReadoutForm | None:
@@ -116,6 +122,31 @@ class ReadoutForm:
                 label = y.pow(2).sum(dim=-1).T  # ||ReLU(x) + S x||^2
             out.append((energy - 2 * cross + label) / n)
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def dense_losses(self, x: Tensor) -> Tensor:
+        """per_sample_loss (K, B) of the dense samples x (B, n), shared by all instances."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the form is exact only in the weights' own dtype
+            with torch.autocast(device, enabled=False):
+                return self.dense_losses(x)
+        n, k, h = self.n_features, self.n_instances, self.d_hidden
+        x = x.to(self.w_in.dtype)
+        out = []
+        for chunk in _dense_chunks(x, k * (2 * h + 2 * n)):
+            b = chunk.shape[0]
+            stacked = chunk[None].expand(k, b, n)
+            hidden = torch.relu(torch.bmm(stacked, self.w_in.transpose(1, 2)))  # (K, b, h)
+            inputs = hidden if self.mixing is None else torch.cat([hidden, stacked], dim=2)  # [h, x]
+            error = torch.baddbmm(torch.relu(stacked), inputs, self.readout_minus_mixing, beta=-1)
+            out.append(torch.linalg.vector_norm(error, dim=2).square_() / n)
+        return torch.cat(out, dim=1)
+
+
+def _dense_chunks(x: Tensor, numbers: int) -> list[Tensor]:
+    """x (B, n) in chunks of rows whose intermediates hold at most about `_CHUNK_NUMBERS` numbers
+    (`numbers` per row)."""
+    return list(x.split(max(1, _CHUNK_NUMBERS // max(1, numbers))))
 
 
 def active_entries_of(x: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:

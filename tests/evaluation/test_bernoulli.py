@@ -113,7 +113,8 @@ def test_evaluating_at_several_high_p_shares_the_bernoulli_draws():
 
 
 def test_a_mixed_batch_adds_what_its_strata_one_by_one_would():
-    """update_mixed = update of each stratum's share of the batch; samples of exact strata are left out."""
+    """A batch of any strata (update with n_active) = update of each stratum's share of the batch;
+    samples of exact strata are left out."""
     task = _task(0.3, 0.3)
     model = MLP(n_features=N, d_mlp=8, seeds=[0, 1])
     plan = plan_strata(task, [0.3, 0.3], 5_000, 4096, exact=exact_strata(model))
@@ -121,7 +122,7 @@ def test_a_mixed_batch_adds_what_its_strata_one_by_one_would():
     mixed, one_by_one = StratifiedLossPerFeature(plan, exact), StratifiedLossPerFeature(plan, exact)
     losses = torch.rand(2, 500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     n_active = torch.randint(0, 12, (500,), generator=torch.Generator().manual_seed(1))
-    mixed.update_mixed(n_active, losses)
+    mixed.update(None, losses, n_active=n_active)
     for k in plan.sampled:
         if (n_active == k).any():
             one_by_one.update(k, losses[:, n_active == k])

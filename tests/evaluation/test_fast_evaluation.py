@@ -105,6 +105,18 @@ def test_the_readout_form_equals_the_networks_own_loss(case):
         drawn = draw_stratum_losses(model, task, form, k, 2000, 1, Stream.TEST, part)
         torch.testing.assert_close(looped, drawn, rtol=0, atol=0)
         torch.testing.assert_close(looped, reference[list(part)], rtol=tolerance, atol=tolerance * 10)
+    # Dense strata and Bernoulli draws (k > n / 5) through the fused dense form, in chunks of rows.
+    for k in (7, 18, 30):
+        assert not task.sparse_stratum(k)
+        x = task.sample_active(k, 3000, step=2)
+        reference = per_sample_loss(model, task, x)
+        atol = tolerance * reference.abs().max().item()
+        torch.testing.assert_close(form.dense_losses(x[0]), reference, rtol=tolerance, atol=atol)
+        drawn = draw_stratum_losses(model, task, form, k, 3000, 2, Stream.TEST, (1,))
+        torch.testing.assert_close(drawn, reference[[1]], rtol=tolerance, atol=atol)
+    x, _ = task.sample_bernoulli(0.7, 3000, step=5)
+    reference = per_sample_loss(model, task, x[None].expand(3, *x.shape))
+    torch.testing.assert_close(form.dense_losses(x), reference, rtol=tolerance, atol=tolerance * reference.max().item())
 
 
 def test_networks_without_an_exact_readout_form_evaluate_through_their_forward():
@@ -172,3 +184,14 @@ def test_evaluating_at_several_p_by_variance_meets_the_dense_precision_at_each()
         difference = (result.loss_per_feature - dense.loss_per_feature).abs()
         assert (difference < Z * (result.stderr.pow(2) + dense.stderr.pow(2)).sqrt()).all()
         assert (result.stderr <= 1.1 * _dense_precision_stderr(dense, n_nonempty, task, q)).all()
+
+
+def test_the_dense_form_in_chunks_of_rows_equals_it_in_one(monkeypatch):
+    from cis_lightning.evaluation import readout
+
+    model, mixing, _ = _cases()["mlp, gaussian M"]
+    task = Task([Instance(0.5, sigma=0.3, mixing=mixing, seed=i) for i in range(3)], 30)
+    x, _ = task.sample_bernoulli(0.5, 1000, step=1)
+    whole = ReadoutForm.of(model, task).dense_losses(x)
+    monkeypatch.setattr(readout, "_CHUNK_NUMBERS", 3 * (2 * 8 + 2 * 30) * 64)  # 64 rows a chunk: 16 chunks
+    torch.testing.assert_close(ReadoutForm.of(model, task).dense_losses(x), whole, rtol=1e-6, atol=1e-7)

@@ -73,7 +73,12 @@ def test_cis_test_is_the_stratified_evaluate_of_the_trained_model(tiny, network,
     module, data = test.model, test.datamodule
     assert data.exact_strata == ((0,) if network == "MLP" else (0, 1)) and data.eval_allocation == allocation
     expected = evaluate(
-        module.network, module.task, data.eval_nonempty_samples, data.eval_batch_size, Stream.TEST, allocation=allocation
+        module.network,
+        module.task,
+        data.eval_nonempty_samples,
+        data.eval_batch_size,
+        Stream.TEST,
+        allocation=allocation,
     )
     other = evaluate(
         module.network,
