@@ -56,11 +56,13 @@ class ReadoutForm:
         k, h, n = w_in.shape
         self.n_features, self.n_instances, self.d_hidden = n, k, h
         self.w_in, self.w_out, self.mixing = w_in, w_out, mixing
-        self.table_in = w_in.permute(2, 0, 1).reshape(n, k * h)  # row i: W_in[:, :, i] of every instance
+        # The tables are made contiguous: for K = 1 the reshapes are strided views, on which an
+        # embedding bag takes a much slower path.
+        self.table_in = w_in.permute(2, 0, 1).reshape(n, k * h).contiguous()  # row i: W_in[:, :, i] of every instance
         self.gram = torch.bmm(w_out.transpose(1, 2), w_out)  # (K, h, h)
         readout = [w_out] if mixing is None else [w_out, torch.bmm(mixing.transpose(1, 2), w_out)]
         self.table_out = torch.cat([r.permute(1, 0, 2).reshape(n, k * h) for r in readout])  # (n or 2n, K h)
-        self.table_mixing = None if mixing is None else mixing.permute(2, 0, 1).reshape(n, k * n)
+        self.table_mixing = None if mixing is None else mixing.permute(2, 0, 1).reshape(n, k * n).contiguous()
         # [W_out^T; -S^T] (K, h + n, n): the output minus the linear part of the labels, from [h, x]
         readout = [w_out.transpose(1, 2)] + ([] if mixing is None else [-mixing.transpose(1, 2)])
         self.readout_minus_mixing = torch.cat(readout, dim=1)
@@ -107,20 +109,21 @@ class ReadoutForm:
             b, positive = f.shape[0], torch.relu(v)
             pre = nn_functional.embedding_bag(f, self.table_in, per_sample_weights=v, mode="sum")
             hidden = torch.relu(pre).view(b, k, h).transpose(0, 1)  # (K, b, h)
-            energy = (torch.bmm(hidden, self.gram) * hidden).sum(dim=-1)  # h^T W_out^T W_out h
             if self.mixing is None:
                 bag, weight = f, positive
             else:
                 bag, weight = torch.cat([f, f + n], dim=1), torch.cat([positive, v], dim=1)
             readout = nn_functional.embedding_bag(bag, self.table_out, per_sample_weights=weight, mode="sum")
-            cross = (hidden * readout.view(b, k, h).transpose(0, 1)).sum(dim=-1)  # h . W_out^T y
+            # h^T W_out^T W_out h - 2 h . W_out^T y = h . (G h - 2 W_out^T y): one product, one dot product
+            centred = torch.baddbmm(readout.view(b, k, h).transpose(0, 1), hidden, self.gram, beta=-2)
+            quadratic = torch.linalg.vecdot(hidden, centred)
             if self.mixing is None:
                 label = positive.pow(2).sum(dim=1)[None]  # ||ReLU(x)||^2
             else:
                 y = nn_functional.embedding_bag(f, self.table_mixing, per_sample_weights=v, mode="sum").view(b, k, n)
-                y = y.scatter_add(2, f[:, None].expand(b, k, f.shape[1]), positive[:, None].expand(b, k, f.shape[1]))
-                label = y.pow(2).sum(dim=-1).T  # ||ReLU(x) + S x||^2
-            out.append((energy - 2 * cross + label) / n)
+                y.scatter_add_(2, f[:, None].expand(b, k, f.shape[1]), positive[:, None].expand(b, k, f.shape[1]))
+                label = torch.linalg.vector_norm(y, dim=-1).square_().T  # ||ReLU(x) + S x||^2, one pass over y
+            out.append((quadratic + label) / n)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
