@@ -390,11 +390,11 @@ class Task(nn.Module):
         self, n_active: int, batch_size: int, step: int, stream: Stream = Stream.TEST
     ) -> tuple[Tensor, Tensor]:
         """The active entries of `sample_active`'s shared draw for a sparse stratum (`sparse_stratum`):
-        feature (B, k) distinct along each row (in the order Floyd's algorithm picks them: a sum over
-        a row's entries is a sum over the subset), value (B, k) uniform on [-1, 1]."""
+        feature (B, k) in increasing order along each row, value (B, k) uniform on [-1, 1]."""
         n, k, device = self.n_features, n_active, self.mixing.device
         generator = _stratum_generator(k, step, stream, device)
-        feature = _uniform_subset(n, k, batch_size, generator, as_indices=True)
+        chosen = _uniform_subset(n, k, batch_size, generator, as_indices=True)
+        feature = chosen.sort(dim=1).values
         value = 2 * torch.rand(batch_size, k, generator=generator, device=device) - 1
         return feature, value
 

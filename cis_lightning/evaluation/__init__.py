@@ -8,8 +8,9 @@ every p, because an unrepresented active feature costs E[ReLU(x)^2] = 1/6 for x 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,8 @@ class Evaluation:
 # How a stratified evaluation spends its samples (`plan_strata`): in proportion to each stratum's
 # probability, or to its probability times its spread (from a pilot).
 ALLOCATIONS = ("proportional", "variance")
+# A variance allocation's pilot draws at most this many samples of each stratum (`plan_pilot`).
+PILOT_SAMPLES = 2048
 
 # Strata (numbers of active features) whose probability, given a non-empty sample, is below this
 # are left out of the stratified estimate: their share of L is below 1e-12 times their mean loss.
@@ -134,7 +137,7 @@ def evaluate(
     feature_probability: list[float] | None = None,
     method: str = "stratified",
     allocation: str = "variance",
-    pilot_samples: int = 2048,
+    pilot_samples: int = PILOT_SAMPLES,
 ) -> Evaluation:
     """L / p of every instance, with its standard error, from about `n_nonempty` non-empty samples.
 
@@ -157,11 +160,10 @@ def evaluate(
     require(allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {allocation!r}")
     if method == "stratified":
         exact = exact_strata(model)
-        plan = plan_strata(task, ps, n_nonempty, batch_size, exact)
+        pilot = None
         if allocation == "variance":
-            moments = plan_pilot(model, task, [plan], pilot_samples, exact_losses(model, task, exact), stream)
-            plan = plan_strata(task, ps, n_nonempty, batch_size, exact, moments)
-        return evaluate_plan(model, task, plan, stream)
+            pilot = functools.partial(stratum_moments, model, task, stream=stream, pilot_samples=pilot_samples)
+        return evaluate_plan(model, task, allocate(task, ps, n_nonempty, batch_size, exact, pilot), stream)
     n_batches = math.ceil(samples_for(n_nonempty, task, ps) / batch_size)
     metric = LossPerFeature(ps).to(task.mixing.device)
     for step in range(n_batches):
@@ -180,6 +182,30 @@ def evaluate_plan(model: CCModel, task: Task, plan: StrataPlan, stream: Stream =
         metric.add(draw, draw_losses(model, task, form, draw, stream))
     lpf, err = metric.compute()
     return Evaluation(lpf.cpu(), err.cpu(), plan.n_samples)
+
+
+def allocate(
+    task: Task,
+    feature_probability: list[float],
+    n_nonempty: int,
+    batch_size: int,
+    exact: Sequence[int],
+    pilot: Callable[[StrataPlan], tuple[Tensor, Tensor]] | None = None,
+) -> StrataPlan:
+    """The plan of a stratified evaluation: proportional (`plan_strata`), or with `pilot` (the
+    moments of the model's loss per stratum for the proportional plan, `plan_pilot`) by variance."""
+    plan = plan_strata(task, feature_probability, n_nonempty, batch_size, exact)
+    if pilot is None:
+        return plan
+    return plan_strata(task, feature_probability, n_nonempty, batch_size, exact, pilot(plan))
+
+
+def stratum_moments(
+    model: CCModel, task: Task, plan: StrataPlan, stream: Stream = Stream.TEST, pilot_samples: int = PILOT_SAMPLES
+) -> tuple[Tensor, Tensor]:
+    """The pilot moments (`plan_pilot`) of `model` for the proportional `plan`: what `allocate` needs
+    for a variance allocation."""
+    return plan_pilot(model, task, [plan], pilot_samples, exact_losses(model, task, plan.exact), stream)
 
 
 def plan_pilot(
@@ -206,7 +232,7 @@ def evaluate_at(
     batch_size: int = 65536,
     stream: Stream = Stream.TEST,
     allocation: str = "variance",
-    pilot_samples: int = 2048,
+    pilot_samples: int = PILOT_SAMPLES,
 ) -> list[Evaluation]:
     """L / p of every instance at each p of `feature_probabilities` (one p for all K instances at a
     time): `evaluate(..., feature_probability=[q] * K)` for every q, from one set of stratum draws.
@@ -261,17 +287,34 @@ def stratum_losses(model: CCModel, task: Task, x: Tensor, instances: tuple[int, 
     """per_sample_loss (K', B) of the instances a stratum batch holds (all K when `instances` is None).
 
     x (K', B, n) is `Task.sample_active`'s draw, one (B, n) batch shared by the instances: it goes
-    through the network's `ReadoutForm`, on its active entries if it is sparse, as `evaluate` does."""
-    form = readout_form(model, task)
-    shared = x.shape[0] == 1 or x.stride(0) == 0
-    if form is not None and shared and x.shape[1] > 0:
-        active = x[0] != 0
-        if task.sparse_stratum(int(active.sum(dim=1).max())):
-            return form.select(instances).losses(*active_entries_of(x[0], active))
-        return form.select(instances).dense_losses(x[0])
+    through the network's `ReadoutForm` (`shared_batch_losses`), as `evaluate` does."""
+    if (x.shape[0] == 1 or x.stride(0) == 0) and x.shape[1] > 0:
+        most_active = int((x[0] != 0).sum(dim=1).max())
+        return shared_batch_losses(model, task, readout_form(model, task), x[0], most_active, instances)
     if instances is not None:
         model, task = select_instances(model, instances), select_instances(task, instances)
     return per_sample_loss(model, task, x)
+
+
+def shared_batch_losses(
+    model: CCModel,
+    task: Task,
+    form: ReadoutForm | None,
+    x: Tensor,
+    most_active: int,
+    instances: tuple[int, ...] | None,
+) -> Tensor:
+    """per_sample_loss (K', B) of one batch x (B, n) shared by `instances` (None: all), whose samples
+    have at most `most_active` active features: through the network's `ReadoutForm` (`form`, made
+    once per evaluation) on the active entries when that is sparse, its fused dense form otherwise,
+    and through the network's own forward where there is no form."""
+    if form is None:
+        if instances is not None:
+            model, task = select_instances(model, instances), select_instances(task, instances)
+        return per_sample_loss(model, task, x[None].expand(task.n_instances, *x.shape))
+    if task.sparse_stratum(most_active):
+        return form.select(instances).losses(*active_entries_of(x))
+    return form.select(instances).dense_losses(x)
 
 
 def draw_stratum_losses(
@@ -285,12 +328,11 @@ def draw_stratum_losses(
     instances: tuple[int, ...] | None = None,
 ) -> Tensor:
     """stratum_losses of the stratum batch (k, step, size): the same numbers, but a sparse stratum
-    of a network with a `ReadoutForm` (`form`, made once per evaluation) is drawn as its active
-    entries only (`Task.active_entries`), never as a dense batch."""
+    of a network with a `ReadoutForm` is drawn as its active entries only (`Task.active_entries`),
+    never as a dense batch."""
     if form is not None and task.sparse_stratum(k):
         return form.select(instances).losses(*task.active_entries(k, size, step, stream))
-    x = task.sample_active(k, size, step, stream, instances)
-    return stratum_losses(model, task, x, instances) if form is None else form.select(instances).dense_losses(x[0])
+    return shared_batch_losses(model, task, form, task.sample_active(k, size, step, stream)[0], k, instances)
 
 
 def draw_losses(
@@ -301,10 +343,7 @@ def draw_losses(
     if isinstance(draw, StratumDraw):
         return draw_stratum_losses(model, task, form, draw.k, draw.size, draw.step, stream, draw.instances)
     x, n_active = task.sample_bernoulli(draw.q, draw.size, draw.step, stream)
-    if form is not None and not task.sparse_stratum(int(n_active.max())):  # dense: no need to look for entries
-        return form.select(draw.instances).dense_losses(x), n_active
-    k = task.n_instances if draw.instances is None else len(draw.instances)
-    return stratum_losses(model, task, x[None].expand(k, *x.shape), draw.instances), n_active
+    return shared_batch_losses(model, task, form, x, int(n_active.max()), draw.instances), n_active
 
 
 def exact_strata(model: CCModel) -> tuple[int, ...]:
@@ -423,7 +462,7 @@ def plan_strata(
         uncovered = needs[:, k] & ~covered[:, j]
         if uncovered.any():
             count = max(2, math.ceil(target[uncovered, j].max()))
-            who = instances[k] if uncovered.equal(needs[:, k]) else tuple(uncovered.nonzero().flatten().tolist())
+            who = None if uncovered.all() else tuple(uncovered.nonzero().flatten().tolist())
             draws += [
                 StratumDraw(k, step, min(batch_size, count - start), who)
                 for step, start in enumerate(range(0, count, batch_size))

@@ -103,7 +103,7 @@ class ReadoutForm:
                 return self.losses(feature, value)
         n, k, h = self.n_features, self.n_instances, self.d_hidden
         value = value.to(self.w_in.dtype)
-        rows = max(1, _CHUNK_NUMBERS // (k * max(h, n if self.mixing is not None else h)))
+        rows = _chunk_rows(k * max(h, n if self.mixing is not None else h))
         out = []
         for f, v in zip(feature.split(rows), value.split(rows), strict=True):
             b, positive = f.shape[0], torch.relu(v)
@@ -136,7 +136,7 @@ class ReadoutForm:
         n, k, h = self.n_features, self.n_instances, self.d_hidden
         x = x.to(self.w_in.dtype)
         out = []
-        for chunk in _dense_chunks(x, k * (2 * h + 2 * n)):
+        for chunk in x.split(_chunk_rows(k * (2 * h + 2 * n))):
             b = chunk.shape[0]
             stacked = chunk[None].expand(k, b, n)
             hidden = torch.relu(torch.bmm(stacked, self.w_in.transpose(1, 2)))  # (K, b, h)
@@ -146,10 +146,10 @@ class ReadoutForm:
         return torch.cat(out, dim=1)
 
 
-def _dense_chunks(x: Tensor, numbers: int) -> list[Tensor]:
-    """x (B, n) in chunks of rows whose intermediates hold at most about `_CHUNK_NUMBERS` numbers
-    (`numbers` per row)."""
-    return list(x.split(max(1, _CHUNK_NUMBERS // max(1, numbers))))
+def _chunk_rows(numbers: int) -> int:
+    """Rows of a chunk whose intermediates hold `numbers` numbers per row: at most about
+    `_CHUNK_NUMBERS` in all, and at least one row."""
+    return max(1, _CHUNK_NUMBERS // max(1, numbers))
 
 
 def active_entries_of(x: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:

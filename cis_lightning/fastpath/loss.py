@@ -320,7 +320,7 @@ class _Entries:
 def _label_sums_on_host(entries: _Entries) -> bool:
     """Whether `kernels.label_square_sums` can sum the labels' norms of these entries: numba on, the
     entries on the host, not under torch.compile."""
-    return kernels.ENABLED and entries.value.device.type == "cpu" and not torch.compiler.is_compiling()
+    return kernels.ENABLED and entries.value.device.type in HOST_PATH_ON and not torch.compiler.is_compiling()
 
 
 def _starts(group: Tensor, n_groups: int) -> Tensor:

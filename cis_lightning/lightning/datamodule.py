@@ -6,6 +6,7 @@ batch on the device, so nothing is drawn on the host and nothing is copied to th
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -30,12 +31,9 @@ from cis_lightning.evaluation import (
     BernoulliDraw,
     StrataPlan,
     StratumDraw,
+    allocate,
     evaluation_probability,
-    plan_strata,
 )
-
-# The pilot of a variance allocation: at most this many samples of each stratum (`evaluation.plan_pilot`).
-PILOT_SAMPLES = 2048
 
 
 class _Steps(IterableDataset):
@@ -195,13 +193,11 @@ class CCDataModule(pl.LightningDataModule):
             return self._plan[1]
         plan = None
         if trainer is None or trainer.global_rank == 0:
-            ps = evaluation_probability(self.task)
-            plan = plan_strata(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata)
+            pilot = None
             if self.eval_allocation == "variance" and self.stratum_moments is not None:
-                moments = self.stratum_moments(plan, stream)
-                plan = plan_strata(
-                    self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata, moments
-                )
+                pilot = functools.partial(self.stratum_moments, stream=stream)
+            ps = evaluation_probability(self.task)
+            plan = allocate(self.task, ps, self.eval_nonempty_samples, self.eval_batch_size, self.exact_strata, pilot)
         if trainer is not None and trainer.world_size > 1:
             plan = trainer.strategy.broadcast(plan, src=0)
         self._plan = (key, plan)

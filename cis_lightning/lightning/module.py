@@ -24,10 +24,10 @@ from cis_lightning.evaluation import (
     exact_losses,
     exact_strata,
     naive_loss_per_feature,
-    plan_pilot,
+    stratum_moments,
 )
 from cis_lightning.evaluation.readout import ReadoutForm, readout_form
-from cis_lightning.lightning.datamodule import PILOT_SAMPLES, EvalBatch
+from cis_lightning.lightning.datamodule import EvalBatch
 from cis_lightning.runs.loading import read_checkpoint, save_atomically
 from cis_lightning.runs.results import RESULTS, RESULTS_BY_P, format_results, instance_tag, write_results
 
@@ -190,7 +190,7 @@ class CCModule(pl.LightningModule):
         # Validation and test compute these strata instead of sampling them (homogeneous models: k = 1 too),
         # and allocate the samples of the others by this network's pilot.
         datamodule.exact_strata = exact_strata(self.network)
-        datamodule.stratum_moments = self.stratum_moments
+        datamodule.stratum_moments = self.allocation_pilot
 
     # -- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -393,12 +393,10 @@ class CCModule(pl.LightningModule):
         self._stop_if_diverged(check_weights=True)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def stratum_moments(self, plan: StrataPlan, stream: Stream) -> tuple[Tensor, Tensor]:
-        """The pilot of a variance allocation (`evaluation.plan_pilot`) of this network: the data
+    def allocation_pilot(self, plan: StrataPlan, stream: Stream) -> tuple[Tensor, Tensor]:
+        """The pilot of a variance allocation (`evaluation.stratum_moments`) of this network: the data
         module's `eval_plan` asks for it when its loader starts, before `on_*_epoch_start`."""
-        with torch.no_grad():
-            exact = exact_losses(self.network, self.task, plan.exact)
-            return plan_pilot(self.network, self.task, [plan], PILOT_SAMPLES, exact, stream)
+        return stratum_moments(self.network, self.task, plan, stream)
 
     def _start_eval(self, stream: Stream) -> None:
         plan = self.trainer.datamodule.eval_plan(stream)  # the plan the loader iterates
